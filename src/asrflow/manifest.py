@@ -2,6 +2,9 @@
 
 Each line is one utterance with at least the fields in ``REQUIRED_FIELDS``. Importers produce it,
 every data-prep rule reads one and writes one, and the trainer consumes the last.
+
+Audio paths: a relative ``audio`` path is relative to the manifest's own folder, so a results tree can
+be moved or shared as a whole. Readers hand out absolute paths; writers store them relative again.
 """
 from __future__ import annotations
 
@@ -68,8 +71,9 @@ class Utterance:
         )
 
 
-def iter_manifest(path: str | os.PathLike) -> Iterator[Utterance]:
+def iter_manifest(path: str | os.PathLike, resolve_audio: bool = True) -> Iterator[Utterance]:
     """Yield utterances; raise ManifestError naming the file and line of the first bad one."""
+    base = Path(path).resolve().parent
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -81,11 +85,14 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[Utterance]:
                 raise ManifestError(f"{where}not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
                 raise ManifestError(f"{where}expected a JSON object, got {type(record).__name__}")
-            yield Utterance.from_dict(record, where)
+            utt = Utterance.from_dict(record, where)
+            if resolve_audio and not os.path.isabs(utt.audio):
+                utt.audio = str(base / utt.audio)
+            yield utt
 
 
-def read_manifest(path: str | os.PathLike) -> list[Utterance]:
-    utts = list(iter_manifest(path))
+def read_manifest(path: str | os.PathLike, resolve_audio: bool = True) -> list[Utterance]:
+    utts = list(iter_manifest(path, resolve_audio))
     seen: set[str] = set()
     for u in utts:
         if u.id in seen:
@@ -109,10 +116,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def write_manifest(path: str | os.PathLike, utts: Iterable[Utterance | dict[str, Any]]) -> int:
+def write_manifest(path: str | os.PathLike, utts: Iterable[Utterance | dict[str, Any]],
+                   relative_audio: bool = True) -> int:
+    """Write atomically; absolute audio paths are stored relative to the manifest's folder."""
+    base = Path(path).resolve().parent
     lines = []
     for u in utts:
         record = u.to_dict() if isinstance(u, Utterance) else dict(u)
+        audio = record.get("audio")
+        if relative_audio and isinstance(audio, str) and os.path.isabs(audio):
+            record["audio"] = os.path.relpath(audio, base)
         lines.append(json.dumps(record, ensure_ascii=False, sort_keys=True))
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
@@ -124,3 +137,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def total_hours(utts: Iterable[Utterance]) -> float:
     return sum(u.duration for u in utts) / 3600.0
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Plain JSON Lines records (reports, quarantine lists) without the utterance contract."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

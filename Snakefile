@@ -1,0 +1,24 @@
+# asrflow: robust CTC speech recognition, end to end. `snakemake --cores N` runs the whole DAG.
+import os
+import uuid
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+configfile: "config/config.yaml"
+validate(config, "config/schema.yaml")
+
+# Links the MLflow runs of one invocation. Passed through the environment, never as a rule param,
+# so it cannot trigger reruns.
+os.environ.setdefault("ASRFLOW_INVOCATION", uuid.uuid4().hex[:12])
+
+include: "rules/common.smk"
+include: "rules/corpus.smk"
+include: "rules/noise.smk"
+include: "rules/prep.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        data_prep_outputs(),

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One idempotent set-up for a fresh Debian machine, CI and the Docker image:
+# Debian packages, the venv with the pinned Python packages, Horovod from its sdist (cached), asrflow.
+# A second run takes seconds: every step checks before it works.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${ASRFLOW_VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+export ASRFLOW_CACHE=${ASRFLOW_CACHE:-$HOME/.cache/asrflow}
+
+APT_PACKAGES=(
+  sox libsox-fmt-all libsndfile1                       # resampling, audio formats
+  espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts  # embedded corpus voices
+  wordnet-base fortunes-min                            # embedded corpus sentences
+  build-essential cmake git                            # the Horovod build
+  slurm-wlm munge                                      # the cluster profile's test cluster
+  openssh-server openssh-client iproute2 procps        # multi-host horovodrun test (network namespaces)
+)
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "Debian packages"
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "all ${#APT_PACKAGES[@]} present"
+fi
+
+step "virtual environment $VENV"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY="$VENV/bin/python"
+stamp="$VENV/.asrflow-requirements.sha256"
+want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "$PY" -m pip install -q --upgrade pip setuptools wheel
+  "$PY" -m pip install -q -r scripts/requirements.txt
+  echo "$want" > "$stamp"
+else
+  echo "pinned requirements already installed"
+fi
+
+step "Horovod 0.28.1 (built from the sdist, wheel cached in $ASRFLOW_CACHE/wheels)"
+if "$PY" -c 'import horovod.torch' 2>/dev/null; then
+  echo "horovod.torch imports"
+else
+  PY="$PY" bash scripts/build_horovod.sh
+fi
+
+step "asrflow (editable)"
+"$PY" -c 'import asrflow' 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+"$PY" -c 'import asrflow, horovod.torch as hvd, mlflow, snakemake; print("asrflow ready:", "horovod gloo", hvd.gloo_built(), "| mlflow", mlflow.__version__)'

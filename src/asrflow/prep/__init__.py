@@ -1,0 +1,1 @@
+"""Data-prep transforms, one module each: resampling, truncation, bucketing."""

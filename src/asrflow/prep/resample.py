@@ -1,0 +1,169 @@
+"""Resampling to 16 kHz mono 16-bit with loudness normalization, with quarantine of bad input.
+
+Each utterance is checked before and after sox; anything unusable goes to a quarantine list with a
+reason (and a copy of the offending file) instead of crashing the shard or vanishing silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from asrflow.audio import AudioError, audio_info, read_audio, rms_dbfs, run_sox
+from asrflow.manifest import Utterance
+from asrflow.text import is_clean, normalize_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResampleSettings:
+    sample_rate: int = 16000
+    target_rms_dbfs: float = -23.0
+    peak_ceiling_dbfs: float = -1.0
+    silence_dbfs: float = -60.0
+    clip_fraction: float = 0.01
+    min_duration: float = 0.2
+
+
+def shard_of(utt_id: str, num_shards: int) -> int:
+    """Stable shard assignment by id hash: adding utterances never moves the others."""
+    digest = hashlib.md5(utt_id.encode("utf-8")).hexdigest()
+    return int(digest[:8], 16) % num_shards
+
+
+def resolve_audio_path(audio: str, manifest_dir: Path) -> Path:
+    path = Path(audio)
+    return path if path.is_absolute() else manifest_dir / path
+
+
+def inspect_source(samples: np.ndarray, settings: ResampleSettings) -> str | None:
+    """Return why the decoded source audio is unusable, or None if it is fine."""
+    if samples.size == 0:
+        return "empty audio (no samples)"
+    if not np.all(np.isfinite(samples)):
+        return "non-finite samples (NaN or Inf)"
+    level = rms_dbfs(samples)
+    if level < settings.silence_dbfs:
+        return f"silent (RMS {level:.1f} dBFS < {settings.silence_dbfs} dBFS)"
+    clipped = float(np.mean(np.abs(samples) >= 0.999))
+    if clipped > settings.clip_fraction:
+        return f"clipped ({clipped:.1%} of samples at full scale > {settings.clip_fraction:.1%})"
+    return None
+
+
+def active_rms_dbfs(samples: np.ndarray, sample_rate: int, frame_ms: float = 20.0, floor_db: float = 40.0) -> float:
+    """RMS over the frames within ``floor_db`` of the loudest frame, so leading and trailing pauses do
+    not make a quiet speaker look quieter than a talkative one (a crude speech-activity gate)."""
+    frame = max(1, int(sample_rate * frame_ms / 1000))
+    n = len(samples) // frame
+    if n == 0:
+        return rms_dbfs(samples)
+    frames = samples[: n * frame].reshape(n, frame).astype(np.float64)
+    energy = np.mean(frames * frames, axis=1)
+    peak = energy.max()
+    if peak <= 0:
+        return float("-inf")
+    active = energy[energy >= peak * 10 ** (-floor_db / 10)]
+    return float(10 * np.log10(np.mean(active)))
+
+
+def normalization_gain_db(samples: np.ndarray, sample_rate: int, settings: ResampleSettings) -> float:
+    """Gain that brings active speech to the target RMS without pushing the peak above the ceiling."""
+    level = active_rms_dbfs(samples, sample_rate)
+    peak = float(np.max(np.abs(samples)))
+    gain = settings.target_rms_dbfs - level
+    if peak > 0:
+        gain = min(gain, settings.peak_ceiling_dbfs - 20 * math.log10(peak))
+    return gain
+
+
+def resample_one(src: Path, dst: Path, settings: ResampleSettings, workdir: Path) -> dict:
+    """sox to mono float at the target rate, measure, then sox again to apply the gain and dither to 16 bit."""
+    info = audio_info(src)
+    samples, _ = read_audio(src)
+    problem = inspect_source(samples, settings)
+    if problem:
+        raise AudioError(problem)
+    tmp = workdir / (dst.stem + ".float.wav")
+    run_sox([src, "-e", "floating-point", "-b", "32", tmp, "remix", "-", "rate", "-v", str(settings.sample_rate)])
+    mono, sr = read_audio(tmp)
+    gain = normalization_gain_db(mono, sr, settings)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    part = dst.with_name(f".{dst.name}.part.wav")
+    # -R: no random dither seed from the clock, so reruns are byte-identical.
+    run_sox(["-R", tmp, "-b", "16", "-e", "signed-integer", part, "gain", f"{gain:.3f}"])
+    os.replace(part, dst)
+    tmp.unlink(missing_ok=True)
+    out_info = audio_info(dst)
+    if out_info["frames"] == 0:
+        raise AudioError("resampled output is empty")
+    return {
+        "duration": out_info["duration"],
+        "source_sample_rate": info["sample_rate"],
+        "source_channels": info["channels"],
+        "gain_db": round(gain, 3),
+    }
+
+
+def quarantine(utt: Utterance, reason: str, src: Path, quarantine_dir: Path) -> dict:
+    """Record why an utterance was set aside and keep a copy of its source for inspection."""
+    copy = None
+    if src.is_file():
+        quarantine_dir.mkdir(parents=True, exist_ok=True)
+        copy = quarantine_dir / f"{utt.id}{src.suffix}"
+        shutil.copyfile(src, copy)
+    log.warning("quarantined %s: %s", utt.id, reason)
+    return {"id": utt.id, "audio": str(src), "reason": reason, "copy": str(copy) if copy else None,
+            "split": utt.split, "dialect": utt.dialect, "speaker": utt.speaker, "text": utt.text}
+
+
+def resample_shard(utts: list[Utterance], manifest_dir: Path, out_wav_dir: Path, quarantine_dir: Path,
+                   settings: ResampleSettings) -> tuple[list[Utterance], list[dict]]:
+    """Resample every utterance of one shard; return (kept, quarantined)."""
+    kept: list[Utterance] = []
+    bad: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="asrflow-resample-") as tmpdir:
+        for utt in utts:
+            src = resolve_audio_path(utt.audio, manifest_dir)
+            text = normalize_text(utt.text)
+            if not is_clean(text):
+                bad.append(quarantine(utt, f"bad transcript: {utt.text!r} normalizes to nothing usable", src, quarantine_dir))
+                continue
+            dst = out_wav_dir / f"{utt.id}.wav"
+            try:
+                facts = resample_one(src, dst, settings, Path(tmpdir))
+            except (AudioError, OSError) as exc:
+                bad.append(quarantine(utt, str(exc), src, quarantine_dir))
+                continue
+            if facts["duration"] < settings.min_duration:
+                dst.unlink(missing_ok=True)
+                bad.append(quarantine(utt, f"too short ({facts['duration']:.3f} s < {settings.min_duration} s)", src, quarantine_dir))
+                continue
+            extra = dict(utt.extra)
+            extra.update({k: v for k, v in facts.items() if k != "duration"})
+            kept.append(Utterance(id=utt.id, audio=str(dst.resolve()), text=text, duration=round(facts["duration"], 4),
+                                  sample_rate=settings.sample_rate, speaker=utt.speaker, dialect=utt.dialect,
+                                  split=utt.split, extra=extra))
+    return kept, bad
+
+
+def run_resample_shard(manifest: Path, shard: int, num_shards: int, out_manifest: Path, out_quarantine: Path,
+                       wav_dir: Path, settings: ResampleSettings) -> dict:
+    """The resample_shard rule: this shard's utterances in, resampled manifest and quarantine list out."""
+    from asrflow.manifest import read_manifest, write_manifest
+
+    utts = [u for u in read_manifest(manifest) if shard_of(u.id, num_shards) == shard]
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    kept, bad = resample_shard(utts, Path(manifest).parent, wav_dir, wav_dir.parent / "quarantined_files", settings)
+    write_manifest(out_manifest, kept)
+    write_manifest(out_quarantine, bad, relative_audio=False)
+    return {"utterances_in": len(utts), "utterances_out": len(kept), "quarantined": len(bad),
+            "hours_out": sum(u.duration for u in kept) / 3600.0}
