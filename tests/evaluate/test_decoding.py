@@ -1,0 +1,122 @@
+"""Greedy and beam-search CTC decoding on constructed emission matrices."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from asrflow.evaluate.decoding import BeamSearchDecoder, greedy_decode, tune_lm_weights, weight_grid
+from asrflow.evaluate.ngram_lm import build_lm
+from asrflow.text import BLANK, CharVocab
+
+VOCAB = CharVocab.build(["ABCDEFGHIJKLMNOPQRSTUVWXYZ'"])
+LM_TEXT = [
+    "THE CAT SAT ON THE MAT",
+    "THE CAT IS BLACK",
+    "A CAT AND A DOG",
+    "THE DOG SAT",
+    "MY CAT ATE",
+    "THE MAT IS RED",
+]
+
+
+def emissions(frames: list) -> torch.Tensor:
+    """(T, V) log-probs: a symbol per frame gets ~all the mass; a dict spreads it as given."""
+    logits = torch.full((len(frames), len(VOCAB)), -12.0)
+    for t, frame in enumerate(frames):
+        spread = frame if isinstance(frame, dict) else {frame: 1.0}
+        for symbol, p in spread.items():
+            logits[t, VOCAB.index[symbol]] = float(np.log(p))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def spell(text: str) -> list:
+    """Frames for ``text``: each character once, a blank after each (so doubled letters survive)."""
+    frames = [BLANK]
+    for c in text:
+        frames += ["|" if c == " " else c, BLANK]
+    return frames
+
+
+# "THE CA" + a near tie between X (0.5) and T (0.45): the acoustic best spells the non-word CAX.
+TIED = emissions(spell("THE CA") + [{"X": 0.5, "T": 0.45}, BLANK])
+
+
+@pytest.fixture(scope="module")
+def lm_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lm") / "cat.arpa"
+    build_lm(LM_TEXT, path, order=3)
+    return path
+
+
+def test_greedy_collapses_repeats_and_drops_blanks():
+    lp = emissions(["H", "H", BLANK, "I", "|", "|", "Y", BLANK, "O", "O"])
+    assert greedy_decode(lp, None, VOCAB) == ["HI YO"]
+    # A blank between two identical symbols keeps both; without one they merge.
+    assert greedy_decode(emissions(["L", BLANK, "L"]), vocab=VOCAB) == ["LL"]
+    assert greedy_decode(emissions(["L", "L"]), vocab=VOCAB) == ["L"]
+    # Leading/trailing/repeated separators do not produce stray spaces.
+    assert greedy_decode(emissions(["|", "A", "|", BLANK, "|", "B", "|"]), vocab=VOCAB) == ["A B"]
+
+
+def test_greedy_batch_respects_lengths_and_accepts_numpy():
+    a = emissions(spell("HI YO"))
+    b = emissions(spell("OK") + ["Z"] * (a.shape[0] - len(spell("OK"))))  # padding spells ZZZ
+    batch = torch.stack([a, b])
+    lengths = torch.tensor([a.shape[0], len(spell("OK"))])
+    assert greedy_decode(batch, lengths, VOCAB) == ["HI YO", "OK"]
+    assert greedy_decode(batch.numpy(), [a.shape[0], len(spell("OK"))], VOCAB) == ["HI YO", "OK"]
+    with pytest.raises(ValueError):
+        greedy_decode(batch, [a.shape[0] + 1, 1], VOCAB)
+
+
+def test_beam_without_lm_matches_clear_emissions():
+    decoder = BeamSearchDecoder(VOCAB, beam_size=8)
+    assert not decoder.has_lm
+    lp = emissions(["H", "H", BLANK, "I", "|", "|", "Y", BLANK, "O", "O"])
+    assert decoder.decode(lp) == ["HI YO"]
+    batch = torch.stack([emissions(spell("HELLO")), emissions(spell("HELO") + [BLANK, BLANK])])
+    assert decoder.decode(batch) == ["HELLO", "HELO"]
+    with pytest.raises(ValueError):
+        decoder.decode(torch.zeros(3, len(VOCAB) + 1))
+
+
+def test_lm_flips_acoustically_tied_word(lm_path):
+    assert greedy_decode(TIED, vocab=VOCAB) == ["THE CAX"]
+    assert BeamSearchDecoder(VOCAB, beam_size=16).decode(TIED) == ["THE CAX"]
+    with_lm = BeamSearchDecoder(VOCAB, lm_path, beam_size=16, lm_weight=2.0)
+    assert with_lm.has_lm
+    assert with_lm.decode(TIED) == ["THE CAT"]
+    # lm_weight 0 switches the LM off.
+    assert with_lm.with_weights(0.0, 0.0).decode(TIED) == ["THE CAX"]
+
+
+def test_out_of_vocabulary_words_survive_unless_unk_score_forbids(lm_path):
+    confident = emissions(spell("THE CA") + [{"X": 0.95, "T": 0.05}, BLANK])
+    open_vocab = BeamSearchDecoder(VOCAB, lm_path, beam_size=16, lm_weight=0.5)
+    assert open_vocab.decode(confident) == ["THE CAX"]
+    closed = BeamSearchDecoder(VOCAB, lm_path, beam_size=16, lm_weight=0.5, unk_score=float("-inf"))
+    assert closed.decode(confident) == ["THE CAT"]
+
+
+def test_lm_decoder_batches_with_lengths(lm_path):
+    clear = emissions(spell("THE DOG SAT"))
+    padded = torch.cat([TIED, torch.log_softmax(torch.zeros(clear.shape[0] - TIED.shape[0], len(VOCAB)), -1)])
+    batch = torch.stack([clear, padded])
+    decoder = BeamSearchDecoder(VOCAB, lm_path, beam_size=16)
+    assert decoder.decode(batch, torch.tensor([clear.shape[0], TIED.shape[0]])) == ["THE DOG SAT", "THE CAT"]
+
+
+def test_tune_lm_weights_picks_best_dev_wer(lm_path):
+    base = BeamSearchDecoder(VOCAB, lm_path, beam_size=16)
+    dev = [TIED, emissions(spell("THE MAT"))]
+    refs = ["THE CAT", "THE MAT"]
+    result = tune_lm_weights(base.with_weights, dev, refs, weight_grid([0.0, 2.0], [0.0]))
+    assert result.best == (2.0, 0.0)
+    assert result.wer == 0.0
+    assert [row["wer"] for row in result.table] == [pytest.approx(0.25), 0.0]
+    # Equal dev WER: the earliest grid point wins, deterministically.
+    tie = tune_lm_weights(base.with_weights, dev, refs, [(2.0, 0.0), (3.0, 0.0)])
+    assert tie.best == (2.0, 0.0)
+    with pytest.raises(ValueError):
+        tune_lm_weights(base.with_weights, dev, refs[:1], [(1.0, 0.0)])
