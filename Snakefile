@@ -5,8 +5,9 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-configfile: "config/config.yaml"
-validate(config, "config/schema.yaml")
+# Absolute so the workflow runs from any working directory (snakemake -d DIR), as the tests do.
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
 
 # Links the MLflow runs of one invocation. Passed through the environment, never as a rule param,
 # so it cannot trigger reruns.
@@ -16,9 +17,11 @@ include: "rules/common.smk"
 include: "rules/corpus.smk"
 include: "rules/noise.smk"
 include: "rules/prep.smk"
+include: "rules/train.smk"
 
 
 rule all:
     default_target: True
     input:
         data_prep_outputs(),
+        trained_models(),

@@ -80,6 +80,7 @@ def test_bad_audio_is_quarantined_and_the_rest_goes_on(tmp_path, settings, kind,
                                tmp_path / "q", settings)
     assert [u.id for u in kept] == ["good"]
     assert len(bad) == 1 and bad[0]["id"] == "bad" and reason in bad[0]["reason"]
+    assert bad[0]["kind"] == {"corrupt": "unreadable", "missing": "unreadable", "nan": "non_finite"}.get(kind, kind)
     if kind != "missing":
         assert (tmp_path / "q" / "bad.wav").exists(), "the offending file is kept for inspection"
 

@@ -25,7 +25,8 @@ def build_data_report(corpus_summary: Path, quarantine: Path, truncation_summary
     return {
         "corpus": json.loads(Path(corpus_summary).read_text()),
         "quarantine": {"count": len(bad),
-                       "by_reason": dict(Counter(r["reason"].split(" (")[0] for r in bad)),
+                       "by_kind": dict(Counter(r.get("kind", "other") for r in bad)),
+                       "reasons": {r["id"]: r["reason"] for r in bad},
                        "ids": [r["id"] for r in bad]},
         "truncation": json.loads(Path(truncation_summary).read_text()),
         "bucketing": json.loads(Path(bucketing).read_text()),

@@ -113,6 +113,16 @@ def resample_one(src: Path, dst: Path, settings: ResampleSettings, workdir: Path
     }
 
 
+def reason_kind(reason: str) -> str:
+    """A short category for the report's tally (the full reason stays in the record)."""
+    for key, kind in (("bad transcript", "bad_transcript"), ("unreadable", "unreadable"), ("empty", "empty"),
+                      ("non-finite", "non_finite"), ("silent", "silent"), ("clipped", "clipped"),
+                      ("too short", "too_short"), ("sox", "sox_failed")):
+        if key in reason:
+            return kind
+    return "other"
+
+
 def quarantine(utt: Utterance, reason: str, src: Path, quarantine_dir: Path) -> dict:
     """Record why an utterance was set aside and keep a copy of its source for inspection."""
     copy = None
@@ -121,7 +131,7 @@ def quarantine(utt: Utterance, reason: str, src: Path, quarantine_dir: Path) -> 
         copy = quarantine_dir / f"{utt.id}{src.suffix}"
         shutil.copyfile(src, copy)
     log.warning("quarantined %s: %s", utt.id, reason)
-    return {"id": utt.id, "audio": str(src), "reason": reason, "copy": str(copy) if copy else None,
+    return {"id": utt.id, "audio": str(src), "reason": reason, "kind": reason_kind(reason), "copy": str(copy) if copy else None,
             "split": utt.split, "dialect": utt.dialect, "speaker": utt.speaker, "text": utt.text}
 
 

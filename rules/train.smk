@@ -1,0 +1,82 @@
+# CMVN statistics and the Horovod training rule (one run per training variant).
+import json
+import shlex
+
+
+def variant_params(variant):
+    """The base recipe with the variant's overrides (one level deep merge for dict options)."""
+    if variant not in config["training"]["variants"]:
+        raise ValueError(f"training variant {variant!r} is not defined under training.variants")
+    merged = json.loads(json.dumps(config["training"]["base"]))
+    for key, value in config["training"]["variants"][variant].items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    merged["variant"] = variant
+    merged.setdefault("seed", config["seed"])
+    return merged
+
+
+def variant_np(variant):
+    return int(variant_params(variant).get("np", config["horovod"]["np"]))
+
+
+rule cmvn:
+    input:
+        manifest="results/prep/truncated.jsonl",
+        vocab="results/prep/vocab.json",
+    output:
+        cmvn="results/prep/cmvn.json",
+    log:
+        "logs/prep/cmvn.log",
+    benchmark:
+        "benchmarks/prep/cmvn.tsv"
+    params:
+        n_mels=config["training"]["base"].get("n_mels", 80),
+    threads: 2
+    resources:
+        mem_mb=3000,
+        runtime=15,
+    script:
+        f"{SCRIPTS}/cmvn.py"
+
+
+rule train:
+    input:
+        manifest="results/prep/truncated.jsonl",
+        plan="results/prep/buckets.json",
+        vocab="results/prep/vocab.json",
+        cmvn="results/prep/cmvn.json",
+        noise="results/noise/manifest.jsonl",
+    output:
+        model="results/train/{variant}/model.pt",
+        summary="results/train/{variant}/train_summary.json",
+    log:
+        "logs/train/{variant}.log",
+    benchmark:
+        "benchmarks/train/{variant}.tsv"
+    params:
+        train_json=lambda wc: shlex.quote(json.dumps(variant_params(wc.variant))),
+        run_config=lambda wc: shlex.quote(json.dumps(config)),
+        np=config["horovod"]["np"],
+        hosts=config["horovod"]["hosts"],
+        extra=config["horovod"].get("extra_args", "--gloo"),
+        experiment=config["experiment"],
+        tracking=config["mlflow"].get("tracking_uri") or "",
+        out_dir=lambda wc: f"results/train/{wc.variant}",
+        scripts=WORKFLOW_SCRIPTS,
+    threads: config["horovod"]["np"]
+    resources:
+        mem_mb=6000,
+        runtime=120,
+        nodes=1,
+        tasks=config["horovod"]["np"],
+    shell:
+        """
+        horovodrun $(python {params.scripts}/horovod_hosts.py {params.np} {params.hosts}) {params.extra} \
+          python {params.scripts}/train.py --manifest {input.manifest} --plan {input.plan} --vocab {input.vocab} \
+          --cmvn {input.cmvn} --noise {input.noise} --out-dir {params.out_dir} --experiment {params.experiment} \
+          --tracking-uri {params.tracking:q} --log-dir logs/train/{wildcards.variant}.ranks \
+          --params {params.train_json} --run-config {params.run_config} > {log} 2>&1
+        """
