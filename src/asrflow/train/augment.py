@@ -1,0 +1,243 @@
+"""Data augmentation: SpecAugment on features, additive noise and speed perturbation on waveforms.
+
+Each transform is an ``nn.Module`` that only acts in training mode (``.eval()`` makes it the
+identity), respects each utterance's real length (padding is never touched nor counted), and draws
+its randomness from its own ``torch.Generator`` (``seed=``) rather than the global RNG, so it is
+reproducible and does not shift other random streams (e.g. dropout) when switched on or off.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torchaudio
+from torch import nn
+
+from asrflow.train.features import lengths_to_mask
+
+
+def make_generator(seed: int | None, generator: torch.Generator | None = None) -> torch.Generator:
+    """``generator`` if given (CPU), else a CPU generator seeded with ``seed``, or from the global RNG
+    when both are None (so ``torch.manual_seed`` still rules)."""
+    if generator is not None:
+        if generator.device.type != "cpu":
+            raise ValueError("augmentation generators must be CPU generators")
+        return generator
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=gen))
+
+
+def _randint(gen: torch.Generator, high: int) -> int:
+    """Uniform integer in [0, high)."""
+    return int(torch.randint(0, high, (), generator=gen))
+
+
+class SpecAugment(nn.Module):
+    """Frequency and time masking (torchaudio's FrequencyMasking/TimeMasking) per utterance.
+
+    Masks are drawn independently per utterance and applied to its real frames only. Each time mask
+    is at most ``min(time_mask_param, max_time_ratio · T_b / n_time_masks)`` frames wide, so all time
+    masks together cover at most ``max_time_ratio`` of the utterance. Masked values are ``mask_value``
+    (0 = the mean after GlobalCMVN, so apply this after CMVN).
+
+    torchaudio's masking draws from the global CPU RNG; it runs inside ``torch.random.fork_rng`` seeded
+    from this module's generator, so results are reproducible and the global stream is left as it was.
+    """
+
+    def __init__(self, freq_mask_param: int = 15, time_mask_param: int = 30, n_freq_masks: int = 2,
+                 n_time_masks: int = 2, max_time_ratio: float = 0.2, mask_value: float = 0.0,
+                 seed: int | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if not 0.0 < max_time_ratio <= 1.0:
+            raise ValueError(f"max_time_ratio must be in (0, 1], got {max_time_ratio}")
+        self.n_freq_masks, self.n_time_masks = int(n_freq_masks), int(n_time_masks)
+        self.mask_value = float(mask_value)
+        self.freq_masking = torchaudio.transforms.FrequencyMasking(freq_mask_param)
+        # p bounds one mask to int(p · T_b) frames (torchaudio's mask width is then < that bound)
+        p = max_time_ratio / max(self.n_time_masks, 1)
+        self.time_masking = torchaudio.transforms.TimeMasking(time_mask_param, p=p)
+        self.generator = make_generator(seed, generator)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """feats (B, T, F), lengths (B,) -> masked copy (B, T, F)."""
+        if not self.training or (self.n_freq_masks == 0 and self.n_time_masks == 0):
+            return feats
+        out = feats.clone()
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA too
+            for b, n in enumerate(lengths.tolist()):
+                if n > 0:
+                    out[b, :n] = self._mask_one(out[b, :n].transpose(0, 1)).transpose(0, 1)
+        return out
+
+    def _mask_one(self, spec: torch.Tensor) -> torch.Tensor:
+        """(F, T_b) real part of one utterance -> masked."""
+        for _ in range(self.n_freq_masks):
+            spec = self.freq_masking(spec, self.mask_value)
+        for _ in range(self.n_time_masks):
+            spec = self.time_masking(spec, self.mask_value)
+        return spec
+
+
+@dataclass
+class NoiseMixResult:
+    """``waves``: the mixed batch; ``snr_db``: SNR applied per utterance (NaN where not applied);
+    ``gain``: the factor the mix was scaled by to stay within [-1, 1] (1.0 where no clipping threatened)."""
+
+    waves: torch.Tensor
+    snr_db: torch.Tensor
+    gain: torch.Tensor
+
+    @property
+    def clipped(self) -> torch.Tensor:
+        return self.gain < 1.0
+
+
+class NoiseInjector(nn.Module):
+    """Additive noise at a random SNR, on waveforms before feature extraction.
+
+    With probability ``p`` per utterance: pick a noise recording, take a random segment as long as the
+    utterance's real part (looping the recording if it is shorter), and add it scaled so that
+    ``10·log10(P_signal / P_noise) = snr`` with ``snr ~ U(snr_db)``, powers measured over real samples
+    only. If the mix would leave [-1, 1] the whole utterance (speech and noise) is scaled down, which
+    keeps the SNR, and the gain is reported. Silent utterances are left alone.
+    """
+
+    def __init__(self, noises: Sequence["torch.Tensor | np.ndarray | str | os.PathLike"],
+                 snr_db: tuple[float, float] = (0.0, 20.0), p: float = 0.5, seed: int | None = None,
+                 sample_rate: int | None = None, generator: torch.Generator | None = None):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        low, high = float(snr_db[0]), float(snr_db[1])
+        if low > high:
+            raise ValueError(f"snr_db range {snr_db} is empty")
+        self.snr_db, self.p = (low, high), float(p)
+        loaded = (self._load(x, sample_rate) for x in noises)
+        self.noises = [n for n in loaded if n.numel() > 0 and bool(n.abs().max() > 0)]
+        if not self.noises:
+            raise ValueError("no usable (non-empty, non-silent) noise recordings")
+        self.generator = make_generator(seed, generator)
+
+    @staticmethod
+    def _load(source, sample_rate: int | None) -> torch.Tensor:
+        if isinstance(source, (str, os.PathLike)):
+            from asrflow.audio import read_audio
+
+            samples, sr = read_audio(source)
+            if sample_rate is not None and sr != sample_rate:
+                raise ValueError(f"{source}: noise at {sr} Hz, expected {sample_rate} Hz (resample it in data prep)")
+            return torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+        return torch.as_tensor(source, dtype=torch.float32).reshape(-1).cpu()
+
+    @classmethod
+    def from_manifest(cls, manifest_path: str | os.PathLike, **kwargs) -> "NoiseInjector":
+        """Noise recordings listed in an asrflow manifest (its ``audio`` paths)."""
+        from asrflow.manifest import iter_manifest
+
+        return cls([u.audio for u in iter_manifest(manifest_path)], **kwargs)
+
+    def _segment(self, noise: torch.Tensor, n: int) -> torch.Tensor:
+        """n samples from a random offset, wrapping around when the recording is shorter than n."""
+        if noise.numel() >= n:
+            start = _randint(self.generator, noise.numel() - n + 1)
+            return noise[start:start + n]
+        start = _randint(self.generator, noise.numel())
+        return noise[(start + torch.arange(n)) % noise.numel()]
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> NoiseMixResult:
+        batch = waves.size(0)
+        snrs = torch.full((batch,), float("nan"))
+        gains = torch.ones(batch)
+        if not self.training or self.p == 0.0:
+            return NoiseMixResult(waves, snrs, gains)
+        out = waves.clone()
+        for b, n in enumerate(lengths.tolist()):
+            # draw everything for every utterance, so one utterance's draws don't depend on p or others
+            apply = float(torch.rand((), generator=self.generator)) < self.p
+            snr = _uniform(self.generator, *self.snr_db)
+            noise = self.noises[_randint(self.generator, len(self.noises))]
+            if not apply or n <= 0:
+                continue
+            segment = self._segment(noise, n)
+            mixed, gain = self._mix(waves[b, :n], segment.to(waves.device), snr)
+            if mixed is None:
+                continue
+            out[b, :n] = mixed.to(out.dtype)
+            snrs[b], gains[b] = snr, gain
+        return NoiseMixResult(out, snrs, gains)
+
+    @staticmethod
+    def _mix(speech: torch.Tensor, noise: torch.Tensor, snr_db: float) -> tuple[torch.Tensor | None, float]:
+        s = speech.double()
+        v = noise.double()
+        p_speech = float((s * s).mean())
+        p_noise = float((v * v).mean())
+        if p_speech <= 0.0 or p_noise <= 0.0:
+            return None, 1.0
+        scale = math.sqrt(p_speech / (p_noise * 10.0 ** (snr_db / 10.0)))
+        mixed = s + scale * v
+        peak = float(mixed.abs().max())
+        gain = 1.0 / peak if peak > 1.0 else 1.0  # scale everything, not clip: keeps the SNR exact
+        return mixed * gain, gain
+
+
+class SpeedPerturb(nn.Module):
+    """Kaldi-style speed perturbation: factor ``f`` plays the utterance ``f`` times faster (length / f,
+    pitch × f), by resampling from ``sample_rate·f`` to ``sample_rate`` (torchaudio's sinc resampler,
+    the same algorithm as ``torchaudio.functional.resample``, with the kernel cached per factor).
+
+    forward(waves (B, T), lengths (B,)) -> (waves (B, T'), new_lengths (B,), factors (B,)). Utterances
+    sharing a factor are resampled together; padding is zeroed first so it acts exactly like the
+    resampler's own zero padding, and the result is identical to resampling each utterance alone.
+    """
+
+    def __init__(self, factors: Sequence[float] = (0.9, 1.0, 1.1), sample_rate: int = 16000,
+                 seed: int | None = None, generator: torch.Generator | None = None):
+        super().__init__()
+        if not factors or any(f <= 0 for f in factors):
+            raise ValueError(f"speed factors must be positive, got {factors}")
+        self.factors = [float(f) for f in factors]
+        self.sample_rate = int(sample_rate)
+        self.source_rates = [int(round(sample_rate * f)) for f in self.factors]
+        self.resamplers = nn.ModuleList(
+            torchaudio.transforms.Resample(orig_freq=src, new_freq=self.sample_rate) for src in self.source_rates
+        )
+        self.generator = make_generator(seed, generator)
+
+    def output_length(self, length: int, factor_index: int) -> int:
+        """ceil(L · sr / (sr·f)), exactly as the resampler truncates its output."""
+        src, dst = self.source_rates[factor_index], self.sample_rate
+        g = math.gcd(src, dst)
+        src, dst = src // g, dst // g
+        return -(-length * dst // src)
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = waves.size(0)
+        if not self.training:
+            return waves, lengths, torch.ones(batch, dtype=torch.float64)
+        choice = torch.randint(0, len(self.factors), (batch,), generator=self.generator)
+        lengths_cpu = lengths.detach().cpu()
+        new_lengths = torch.tensor([self.output_length(int(n), int(k)) for n, k in zip(lengths_cpu, choice)],
+                                   dtype=torch.long)
+        out = waves.new_zeros(batch, int(new_lengths.max()) if batch else 0)
+        clean = waves.masked_fill(~lengths_to_mask(lengths.to(waves.device), waves.size(1)), 0.0)
+        for k in choice.unique().tolist():
+            rows = (choice == k).nonzero().flatten().to(waves.device)
+            res = self.resamplers[k](clean.index_select(0, rows).float()).to(waves.dtype)
+            for i, b in enumerate(rows.tolist()):
+                n = int(new_lengths[b])
+                out[b, :n] = res[i, :n]
+        factors = torch.tensor([self.factors[k] for k in choice.tolist()], dtype=torch.float64)
+        return out, new_lengths.to(lengths.device), factors

@@ -1,0 +1,341 @@
+"""CTC training under Horovod: the training loop, dev evaluation, checkpoints, MLflow on rank 0.
+
+Structure follows icefall's train.py: small named functions around one ``TrainParams`` object, all
+file and MLflow I/O on rank 0, every other rank logging to its own file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asrflow.manifest import write_json
+from asrflow.prep.bucketing import BucketBatchSampler, BucketPlan
+from asrflow.text import CharVocab
+from asrflow.train.augment import NoiseInjector, SpecAugment, SpeedPerturb
+from asrflow.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint)
+from asrflow.train.data import AudioStore, Batch, dialect_class_weights, load_noise
+from asrflow.train.distributed import World, average_batchnorm_statistics, init_distributed
+from asrflow.train.features import GlobalCMVN, LogMel
+from asrflow.train.losses import build_ctc_loss
+from asrflow.train.models import build_model, count_parameters
+from asrflow.train.params import TrainParams
+from asrflow.train.precision import autocast_context, make_grad_scaler, resolve_precision
+
+log = logging.getLogger("asrflow.train")
+
+
+@dataclass
+class TrainState:
+    """Everything that must survive a crash, besides model/optimizer/scaler weights."""
+    epoch: int = 0
+    batch_in_epoch: int = 0          # batches of `epoch` already done
+    global_step: int = 0
+    skipped_steps: int = 0
+    best_dev_loss: float = math.inf
+    epochs_without_improvement: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+    stop_reason: str = ""
+
+
+@dataclass
+class Augmenters:
+    noise: NoiseInjector | None
+    speed: SpeedPerturb | None
+    specaug: SpecAugment | None
+
+    def reseed(self, seed: int) -> None:
+        """Per-step seeds: a resumed run draws exactly what an uninterrupted one would have."""
+        for k, module in enumerate((self.noise, self.speed, self.specaug)):
+            if module is not None:
+                module.generator.manual_seed(seed * 4 + k)
+
+
+def step_seed(params: TrainParams, epoch: int, batch_index: int, rank: int) -> int:
+    return (params.seed * 1_000_003 + epoch * 100_003 + batch_index * 101 + rank) % (2**62)
+
+
+def learning_rate(params: TrainParams, step: int, total_steps: int, world_size: int) -> float:
+    peak = params.lr * (world_size if params.lr_scale_with_workers else 1)
+    warm = max(1, params.warmup_steps)
+    if step < warm:
+        return peak * (step + 1) / warm
+    if params.lr_decay == "constant":
+        return peak
+    if params.lr_decay == "noam":
+        return peak * math.sqrt(warm / (step + 1))
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+    return peak * (params.min_lr_ratio + (1 - params.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_augmenters(params: TrainParams, noise_manifest: Path | None) -> Augmenters:
+    noise = None
+    if params.noise.get("enabled") and noise_manifest is not None:
+        noise = NoiseInjector(load_noise(noise_manifest, "train"), snr_db=tuple(params.noise["snr_db"]),
+                              p=float(params.noise["p"]), seed=params.seed)
+    speed = SpeedPerturb(params.speed_perturb["factors"], seed=params.seed) if params.speed_perturb.get("enabled") else None
+    spec = None
+    if params.specaugment.get("enabled"):
+        opts = {k: v for k, v in params.specaugment.items() if k != "enabled"}
+        spec = SpecAugment(**opts, seed=params.seed)
+    return Augmenters(noise, speed, spec)
+
+
+def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmenters | None, device: torch.device):
+    """Waveforms -> (augmented, normalized) log-mel on the device. Noise and speed act on the waveform,
+    SpecAugment on CMVN-normalized features (so its mask value 0 is the mean)."""
+    waves, lens = batch.waves, batch.wave_lens
+    if aug is not None and aug.noise is not None:
+        waves = aug.noise(waves, lens).waves
+    if aug is not None and aug.speed is not None:
+        waves, lens, _ = aug.speed(waves, lens)
+    feats, feat_lens = logmel(waves.to(device), lens.to(device))
+    if model.cmvn is not None:
+        feats = model.cmvn(feats, feat_lens)
+    if aug is not None and aug.specaug is not None:
+        feats = aug.specaug(feats, feat_lens)
+    return feats, feat_lens
+
+
+def compute_loss(model, loss_fn, batch: Batch, logmel, aug, device, amp_dtype, weights):
+    feats, feat_lens = features(batch, logmel, model, aug, device)
+    with autocast_context(device, amp_dtype):
+        log_probs, out_lens = model(feats, feat_lens, normalized=True)
+    w = torch.tensor([weights[d] for d in batch.dialects], device=device) if weights else None
+    return loss_fn(log_probs.float(), out_lens, batch.targets.to(device), batch.target_lens.to(device), w)
+
+
+def all_ranks_finite(value: torch.Tensor, world: World) -> bool:
+    """A non-finite loss on any rank must make every rank skip, or allreduce would wait forever."""
+    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0])
+    return float(world.sum(bad, name="nonfinite")) == 0.0
+
+
+def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
+    """Run the rest of ``state.epoch``; returns False when a stop criterion fired mid-epoch."""
+    p, world, model, opt = ctx.params, ctx.world, ctx.model, ctx.optimizer
+    ctx.sampler.set_epoch(state.epoch)
+    batches = list(ctx.sampler)
+    model.train()
+    window = {"utts": 0.0, "audio": 0.0, "loss": 0.0, "ctc": 0.0, "smooth": 0.0, "n": 0.0, "t0": time.time(), "grad": 0.0}
+    for index in range(state.batch_in_epoch, len(batches)):
+        t_step = time.time()
+        seed = step_seed(p, state.epoch, index, world.rank)
+        torch.manual_seed(seed)  # dropout
+        ctx.aug.reseed(seed)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(p, state.global_step, ctx.total_steps, world.size)
+        batch = ctx.train_store.collate(batches[index])
+        out = compute_loss(model, ctx.loss_fn, batch, ctx.logmel, ctx.aug, ctx.device, ctx.amp_dtype, ctx.class_weights)
+        opt.zero_grad(set_to_none=True)
+        if all_ranks_finite(out.loss.detach(), world):
+            ctx.scaler.scale(out.loss).backward()
+            world.synchronize(opt)
+            ctx.scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            if torch.isfinite(grad_norm):
+                with world.skip_synchronize(opt):
+                    ctx.scaler.step(opt)
+            else:
+                state.skipped_steps += 1
+            ctx.scaler.update()
+        else:
+            state.skipped_steps += 1
+            grad_norm = torch.tensor(float("nan"))
+        state.batch_in_epoch = index + 1
+        state.global_step += 1
+        state.train_seconds += time.time() - t_step
+        window["utts"] += len(batch.ids)
+        window["audio"] += batch.audio_seconds
+        window["loss"] += float(out.loss.detach())
+        window["ctc"] += float(out.ctc.detach())
+        window["smooth"] += float(out.smooth.detach())
+        window["grad"] += float(grad_norm) if torch.isfinite(grad_norm) else 0.0
+        window["n"] += 1
+        if state.global_step % p.log_every == 0 or index == len(batches) - 1:
+            log_window(ctx, state, window)
+            window = {k: 0.0 for k in window} | {"t0": time.time()}
+        if world.is_main and p.checkpoint_every_steps and state.global_step % p.checkpoint_every_steps == 0:
+            save(ctx, state, is_best=False)
+        if should_stop(ctx, state):
+            return False
+    return True
+
+
+def log_window(ctx: "Context", state: TrainState, w: dict[str, float]) -> None:
+    totals = ctx.world.sum(torch.tensor([w["utts"], w["audio"], w["loss"], w["n"]], dtype=torch.float64), name="window")
+    elapsed = max(1e-6, time.time() - w["t0"])
+    n = max(1.0, float(totals[3]))
+    metrics = {"train_loss": float(totals[2]) / n, "train_ctc": w["ctc"] / max(1, w["n"]),
+               "train_smooth": w["smooth"] / max(1, w["n"]), "grad_norm": w["grad"] / max(1, w["n"]),
+               "lr": ctx.optimizer.param_groups[0]["lr"], "utt_per_s": float(totals[0]) / elapsed,
+               "audio_s_per_s": float(totals[1]) / elapsed, "skipped_steps": state.skipped_steps,
+               "epoch": state.epoch}
+    if ctx.world.is_main:
+        log.info("epoch %d step %d loss %.3f lr %.2e %.1f utt/s skipped %d", state.epoch, state.global_step,
+                 metrics["train_loss"], metrics["lr"], metrics["utt_per_s"], state.skipped_steps)
+        if ctx.tracker is not None:
+            ctx.tracker.metrics(metrics, step=state.global_step)
+        if ctx.progress is not None:
+            ctx.progress.update(state.global_step - ctx.progress.n)
+            ctx.progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", ups=f"{metrics['utt_per_s']:.1f}")
+
+
+def should_stop(ctx: "Context", state: TrainState) -> bool:
+    """Rank 0 decides (its clock and counters), every rank follows: they must stop on the same step."""
+    p = ctx.params
+    reason = ""
+    if p.max_steps and state.global_step >= p.max_steps:
+        reason = f"max_steps {p.max_steps} reached"
+    elif p.time_budget_minutes and state.train_seconds >= p.time_budget_minutes * 60:
+        reason = f"time budget {p.time_budget_minutes} min reached"
+    flag = ctx.world.broadcast_object(reason, name=f"stop.{state.global_step}") if ctx.world.size > 1 else reason
+    if flag:
+        state.stop_reason = flag
+    return bool(flag)
+
+
+@torch.no_grad()
+def evaluate_dev(ctx: "Context") -> dict[str, float]:
+    """Dev loss and greedy CER, each rank on its share of the dev set, summed over ranks."""
+    from asrflow.evaluate.decoding import greedy_decode
+    from asrflow.evaluate.scoring import score_corpus
+
+    model, world = ctx.model, ctx.world
+    model.eval()
+    ids = ctx.dev_ids[world.rank::world.size]
+    loss_sum, n, char_err, char_ref, word_err, word_ref = 0.0, 0, 0, 0, 0, 0
+    for start in range(0, len(ids), 16):
+        batch = ctx.dev_store.collate(ids[start:start + 16])
+        feats, feat_lens = features(batch, ctx.logmel, model, None, ctx.device)
+        with autocast_context(ctx.device, ctx.amp_dtype):
+            log_probs, out_lens = model(feats, feat_lens, normalized=True)
+        out = ctx.eval_loss_fn(log_probs.float(), out_lens, batch.targets.to(ctx.device), batch.target_lens.to(ctx.device))
+        loss_sum += float(out.loss) * len(batch.ids)
+        n += len(batch.ids)
+        hyps = greedy_decode(log_probs.float().cpu(), out_lens.cpu(), ctx.vocab)
+        refs = [ctx.dev_store.utts[i].text for i in batch.ids]
+        stats = score_corpus(refs, hyps)
+        char_err += stats.chars.errors
+        char_ref += stats.chars.ref_len
+        word_err += stats.words.errors
+        word_ref += stats.words.ref_len
+    totals = world.sum(torch.tensor([loss_sum, n, char_err, char_ref, word_err, word_ref], dtype=torch.float64), name="dev")
+    model.train()
+    return {"dev_loss": float(totals[0] / max(1, totals[1])), "dev_cer": float(totals[2] / max(1, totals[3])),
+            "dev_wer": float(totals[4] / max(1, totals[5]))}
+
+
+@dataclass
+class Context:
+    params: TrainParams
+    world: World
+    device: torch.device
+    vocab: CharVocab
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    amp_dtype: torch.dtype | None
+    loss_fn: torch.nn.Module
+    eval_loss_fn: torch.nn.Module
+    logmel: LogMel
+    aug: Augmenters
+    sampler: BucketBatchSampler
+    train_store: AudioStore
+    dev_store: AudioStore
+    dev_ids: list[str]
+    class_weights: dict[str, float] | None
+    total_steps: int
+    out_dir: Path
+    spec: dict[str, Any]
+    tracker: Any = None
+    progress: Any = None
+
+
+def checkpoint_state(ctx: Context, state: TrainState) -> dict[str, Any]:
+    return {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
+            "scaler": ctx.scaler.state_dict(), "state": state.__dict__.copy(), "spec": ctx.spec,
+            "fingerprint": fingerprint(ctx.spec), "params": ctx.params.to_dict(), "vocab": ctx.vocab.symbols}
+
+
+def save(ctx: Context, state: TrainState, is_best: bool) -> None:
+    if ctx.world.is_main:
+        save_checkpoint(ctx.out_dir / "checkpoints", checkpoint_state(ctx, state), state.global_step,
+                        ctx.params.keep_last, is_best=is_best)
+
+
+def resume(ctx: Context) -> TrainState:
+    """Rank 0 reads the newest checkpoint (the folder may exist on its host only) and broadcasts it."""
+    state = TrainState()
+    payload = None
+    if ctx.world.is_main:
+        path = latest_checkpoint(ctx.out_dir / "checkpoints")
+        if path is not None:
+            payload = load_checkpoint(path, ctx.spec)
+            log.info("resuming from %s (epoch %d, step %d)", path, payload["state"]["epoch"], payload["state"]["global_step"])
+    if ctx.world.size > 1:
+        payload = ctx.world.broadcast_object(payload, name="resume")
+    if payload is not None:
+        ctx.model.load_state_dict(payload["model"])
+        ctx.optimizer.load_state_dict(payload["optimizer"])
+        ctx.scaler.load_state_dict(payload["scaler"])
+        state = TrainState(**payload["state"])
+    return state
+
+
+def end_of_epoch(ctx: Context, state: TrainState) -> bool:
+    """BN statistics averaged, dev evaluated, checkpoint written; returns True to keep training."""
+    if not ctx.params.sync_batchnorm:
+        average_batchnorm_statistics(ctx.model, ctx.world)
+    dev = evaluate_dev(ctx)
+    improved = dev["dev_loss"] < state.best_dev_loss
+    if improved:
+        state.best_dev_loss = dev["dev_loss"]
+        state.epochs_without_improvement = 0
+    else:
+        state.epochs_without_improvement += 1
+    state.history.append({"epoch": state.epoch, "step": state.global_step, "train_seconds": round(state.train_seconds, 2), **dev})
+    if ctx.world.is_main:
+        log.info("epoch %d done: dev loss %.3f CER %.3f WER %.3f", state.epoch, dev["dev_loss"], dev["dev_cer"], dev["dev_wer"])
+        if ctx.tracker is not None:
+            ctx.tracker.metrics({**dev, "train_seconds": state.train_seconds}, step=state.global_step)
+    state.epoch += 1
+    state.batch_in_epoch = 0
+    save(ctx, state, is_best=improved)
+    p = ctx.params
+    if p.early_stopping_patience and state.epochs_without_improvement >= p.early_stopping_patience:
+        state.stop_reason = f"no dev-loss improvement for {p.early_stopping_patience} epochs"
+        return False
+    if state.epoch >= p.epochs:
+        state.stop_reason = f"{p.epochs} epochs done"
+        return False
+    return True
+
+
+def fit(ctx: Context) -> TrainState:
+    state = resume(ctx)
+    ctx.world.broadcast_model_and_optimizer(ctx.model, ctx.optimizer)
+    while not state.finished:
+        if state.epoch >= ctx.params.epochs:
+            state.stop_reason = state.stop_reason or f"{ctx.params.epochs} epochs done"
+            break
+        completed = train_one_epoch(ctx, state)
+        if not completed:
+            if state.batch_in_epoch > 0:
+                end_of_epoch(ctx, state)  # a partial epoch still gets its dev score and checkpoint
+            break
+        if not end_of_epoch(ctx, state):
+            break
+    state.finished = True
+    save(ctx, state, is_best=False)
+    return state

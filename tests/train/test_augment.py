@@ -1,0 +1,140 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from asrflow.train.augment import NoiseInjector, SpecAugment, SpeedPerturb
+
+
+def _waves(lengths, seed=0, amp=0.1):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.zeros(len(lengths), max(lengths))
+    for b, n in enumerate(lengths):
+        w[b, :n] = amp * torch.randn(n, generator=g)
+    return w, torch.tensor(lengths)
+
+
+# --- SpecAugment -------------------------------------------------------------------------------
+
+def _feats(lengths, F=20, pad_value=7.0):
+    x = torch.full((len(lengths), max(lengths), F), pad_value)
+    for b, n in enumerate(lengths):
+        x[b, :n] = 1.0 + torch.rand(n, F)  # never equal to the mask value 0
+    return x
+
+
+def test_specaugment_time_masks_stay_within_real_length_and_ratio():
+    lengths = [100, 40, 12, 1]
+    aug = SpecAugment(freq_mask_param=0, time_mask_param=50, n_freq_masks=0, n_time_masks=2,
+                      max_time_ratio=0.2, seed=0).train()
+    for _ in range(20):
+        x = _feats(lengths)
+        y = aug(x, torch.tensor(lengths))
+        for b, n in enumerate(lengths):
+            assert torch.all(y[b, n:] == 7.0)  # padding untouched
+            masked_frames = int((y[b, :n] == 0).all(-1).sum())
+            assert masked_frames <= 0.2 * n
+
+
+def test_specaugment_masks_something_and_freq_masks_respect_length():
+    lengths = [80, 30]
+    aug = SpecAugment(freq_mask_param=8, time_mask_param=10, seed=1).train()
+    x = _feats(lengths)
+    y = aug(x, torch.tensor(lengths))
+    assert (y == 0).any()
+    assert torch.all(y[1, 30:] == 7.0)
+    assert torch.equal(aug.eval()(x, torch.tensor(lengths)), x)
+
+
+def test_specaugment_deterministic_with_seed_and_leaves_global_rng_alone():
+    lengths = torch.tensor([50, 30])
+    x = _feats(lengths.tolist())
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = SpecAugment(seed=7).train()(x, lengths)
+    assert torch.equal(torch.rand(3), expected_next)
+    b = SpecAugment(seed=7).train()(x, lengths)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, SpecAugment(seed=8).train()(x, lengths))
+
+
+# --- NoiseInjector -----------------------------------------------------------------------------
+
+def _measured_snr(clean, mixed, gain, n):
+    added = mixed[:n].double() / gain - clean[:n].double()
+    return 10 * math.log10(float((clean[:n].double() ** 2).mean() / (added**2).mean()))
+
+
+def test_noise_snr_matches_target_over_real_samples():
+    waves, lens = _waves([8000, 3000, 5000])
+    noise = [torch.randn(20000) * 0.3, torch.randn(700)]  # the short one is looped
+    inj = NoiseInjector(noise, snr_db=(0.0, 20.0), p=1.0, seed=0).train()
+    res = inj(waves, lens)
+    assert not torch.isnan(res.snr_db).any()
+    for b, n in enumerate(lens.tolist()):
+        assert abs(_measured_snr(waves[b], res.waves[b], float(res.gain[b]), n) - float(res.snr_db[b])) < 0.5
+        assert torch.all(res.waves[b, n:] == 0)  # padding untouched
+
+
+def test_noise_p0_leaves_input_unchanged_and_eval_is_identity():
+    waves, lens = _waves([800, 500])
+    res = NoiseInjector([torch.randn(1000)], p=0.0, seed=0).train()(waves, lens)
+    assert torch.equal(res.waves, waves) and torch.isnan(res.snr_db).all()
+    res = NoiseInjector([torch.randn(1000)], p=1.0, seed=0).eval()(waves, lens)
+    assert torch.equal(res.waves, waves)
+
+
+def test_noise_clip_safe_scaling_is_recorded():
+    waves, lens = _waves([2000], amp=0.9)
+    waves = waves.clamp(-0.99, 0.99)
+    res = NoiseInjector([torch.randn(4000)], snr_db=(-5.0, -5.0), p=1.0, seed=0).train()(waves, lens)
+    assert bool(res.clipped[0]) and res.waves.abs().max() <= 1.0 + 1e-6
+    assert abs(_measured_snr(waves[0], res.waves[0], float(res.gain[0]), 2000) + 5.0) < 0.5
+
+
+def test_noise_deterministic_with_seed_and_loads_files(tmp_path):
+    from asrflow.audio import write_audio
+
+    path = tmp_path / "noise.wav"
+    write_audio(path, (0.2 * np.random.default_rng(0).standard_normal(3000)).astype(np.float32), 16000)
+    waves, lens = _waves([1500, 1200, 900, 600])
+    a = NoiseInjector([path], p=0.5, seed=3, sample_rate=16000).train()(waves, lens)
+    b = NoiseInjector([str(path)], p=0.5, seed=3).train()(waves, lens)
+    assert torch.equal(a.waves, b.waves)
+    assert torch.equal(torch.isnan(a.snr_db), torch.isnan(b.snr_db))
+    with pytest.raises(ValueError, match="Hz"):
+        NoiseInjector([path], sample_rate=8000)
+
+
+# --- SpeedPerturb ------------------------------------------------------------------------------
+
+def test_speed_perturb_lengths_follow_factor_and_match_single_resampling():
+    waves, lens = _waves([16000, 9000, 4001])
+    sp = SpeedPerturb(factors=(0.9, 1.1), seed=0).train()
+    out, new_lens, factors = sp(waves, lens)
+    for b in range(3):
+        n, f = int(lens[b]), float(factors[b])
+        assert abs(int(new_lens[b]) - n / f) <= 1
+        assert torch.all(out[b, int(new_lens[b]):] == 0)
+        k = sp.factors.index(f)
+        alone = sp.resamplers[k](waves[b:b + 1, :n])
+        assert alone.size(1) == int(new_lens[b])
+        torch.testing.assert_close(out[b, : alone.size(1)], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_speed_perturb_identity_factor_and_determinism():
+    waves, lens = _waves([1000, 700])
+    out, new_lens, _ = SpeedPerturb(factors=(1.0,)).train()(waves, lens)
+    assert torch.equal(out, waves) and torch.equal(new_lens, lens)
+    a = SpeedPerturb(seed=4).train()(waves, lens)
+    b = SpeedPerturb(seed=4).train()(waves, lens)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+
+
+def test_explicit_generator_gives_same_draws_as_seed():
+    waves, lens = _waves([1000, 700, 300])
+    a = SpeedPerturb(generator=torch.Generator().manual_seed(9)).train()(waves, lens)
+    b = SpeedPerturb(seed=9).train()(waves, lens)
+    assert torch.equal(a[0], b[0])

@@ -1,0 +1,146 @@
+import pytest
+import torch
+
+from asrflow.train.models import (
+    BiLSTMEncoder,
+    ConformerEncoder,
+    ConvSubsampling,
+    batchnorm_modules,
+    build_model,
+    count_parameters,
+)
+
+N_MELS, VOCAB = 20, 7
+TINY = {
+    "conformer": {"name": "conformer", "d_model": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2,
+                  "kernel_size": 7, "subsampling_channels": 8, "dropout": 0.0},
+    "bilstm": {"name": "bilstm", "d_model": 24, "hidden_size": 16, "num_layers": 2,
+               "subsampling_channels": 8, "dropout": 0.0},
+}
+
+
+def _feats(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), max(lengths), N_MELS, generator=g)
+    for b, n in enumerate(lengths):
+        x[b, n:] = 0.0
+    return x, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("factor", [4, 6, 8])
+def test_subsampling_lengths_are_exact(factor):
+    sub = ConvSubsampling(N_MELS, 16, channels=4, factor=factor)
+    for n in [1, 6, 7, 8, 9, 10, 23, 24, 25, 50]:
+        x = torch.randn(1, n, N_MELS)
+        y, lens = sub(x, torch.tensor([n]))
+        expected = y.size(1) if n >= sub.min_input_frames else 0
+        assert lens.item() == expected, (n, lens.item(), y.size(1))
+    _, lens = sub(*_feats([100]))
+    assert abs(lens.item() - 100 / factor) < 2
+
+
+@pytest.mark.parametrize("name", ["conformer", "bilstm"])
+def test_model_outputs_fp32_log_probs_and_lengths(name):
+    torch.manual_seed(0)
+    model = build_model(TINY[name], VOCAB, N_MELS).eval()
+    x, lens = _feats([40, 33, 17])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_probs, out_lens = model(x, lens)
+    assert log_probs.dtype == torch.float32
+    assert log_probs.shape == (3, 9, VOCAB)
+    assert out_lens.tolist() == model.output_lengths(lens).tolist() == [9, 7, 3]
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(3, 9))
+
+
+@pytest.mark.parametrize("name", ["conformer", "bilstm"])
+def test_real_frames_do_not_depend_on_padding(name):
+    torch.manual_seed(0)
+    model = build_model(TINY[name], VOCAB, N_MELS).eval()
+    x, lens = _feats([60, 25])
+    with torch.no_grad():
+        batched, out_lens = model(x, lens)
+        alone, alone_lens = model(x[1:, :25], lens[1:])
+    n = int(out_lens[1])
+    assert n == int(alone_lens[0]) == alone.size(1)
+    torch.testing.assert_close(batched[1, :n], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_masked_conformer_layers_match_torchaudio_without_padding():
+    torch.manual_seed(0)
+    enc = ConformerEncoder(16, num_heads=2, ffn_dim=32, num_layers=2, depthwise_conv_kernel_size=5).eval()
+    x, lens = torch.randn(2, 11, 16), torch.tensor([11, 11])
+    ours, _ = enc(x, lens)
+    ref, _ = enc.conformer(x, lens)
+    torch.testing.assert_close(ours, ref)
+
+
+def _run(model, x, lens, seed):
+    torch.manual_seed(seed)
+    log_probs, out_lens = model(x, lens)
+    mask = torch.arange(log_probs.size(1))[None, :] < out_lens[:, None]
+    (log_probs * mask[:, :, None]).logsumexp(-1).sum().backward()
+    return log_probs.detach()
+
+
+@pytest.mark.parametrize("name", ["conformer", "bilstm"])
+def test_gradient_checkpointing_matches_plain(name):
+    cfg = dict(TINY[name], dropout=0.1)  # dropout on: recomputation must replay the same masks
+    torch.manual_seed(0)
+    plain = build_model(cfg, VOCAB, N_MELS).train()
+    ckpt = build_model(dict(cfg, gradient_checkpointing=True), VOCAB, N_MELS).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x, lens = _feats([30, 22])
+    out_plain = _run(plain, x, lens, seed=5)
+    out_ckpt = _run(ckpt, x, lens, seed=5)
+    torch.testing.assert_close(out_ckpt, out_plain)
+    for (name_p, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name_p)
+    # BatchNorm running stats took exactly one update despite the recomputation
+    for bp, bq in zip(batchnorm_modules(plain), batchnorm_modules(ckpt)):
+        torch.testing.assert_close(bq.running_mean, bp.running_mean)
+        torch.testing.assert_close(bq.running_var, bp.running_var)
+        assert int(bq.num_batches_tracked) == int(bp.num_batches_tracked) == 1
+
+
+def test_conformer_batchnorms_are_exposed():
+    model = build_model(TINY["conformer"], VOCAB, N_MELS)
+    assert len(batchnorm_modules(model)) == TINY["conformer"]["num_layers"]
+    gn = build_model(dict(TINY["conformer"], use_group_norm=True), VOCAB, N_MELS)
+    assert batchnorm_modules(gn) == []
+
+
+def test_zero_length_utterance_does_not_poison_batch():
+    model = build_model(TINY["conformer"], VOCAB, N_MELS).train()
+    x, lens = _feats([30, 3])  # 3 frames -> 0 output frames
+    log_probs, out_lens = model(x, lens)
+    assert out_lens.tolist() == [6, 0]
+    assert torch.isfinite(log_probs).all()
+
+
+def test_build_model_rejects_unknown_names_and_options():
+    with pytest.raises(ValueError, match="model name"):
+        build_model({"name": "transformer"}, VOCAB, N_MELS)
+    with pytest.raises(ValueError, match="unknown"):
+        build_model({"name": "bilstm", "hiden_size": 3}, VOCAB, N_MELS)
+
+
+def test_count_parameters():
+    enc = BiLSTMEncoder(4, hidden_size=3, num_layers=1)
+    assert count_parameters(enc) == 2 * 4 * 3 * (4 + 3 + 2)
+    enc.layers[0].weight_ih_l0.requires_grad_(False)
+    assert count_parameters(enc) == 2 * 4 * 3 * (4 + 3 + 2) - 4 * 3 * 4
+    assert count_parameters(enc, trainable_only=False) == 2 * 4 * 3 * (4 + 3 + 2)
+
+
+def test_cmvn_inside_model_and_normalized_flag():
+    from asrflow.train.features import GlobalCMVN
+
+    torch.manual_seed(0)
+    cmvn = GlobalCMVN(torch.full((N_MELS,), 2.0), torch.full((N_MELS,), 3.0))
+    model = build_model(TINY["conformer"], VOCAB, N_MELS, cmvn=cmvn).eval()
+    x, lens = _feats([30, 20])
+    with torch.no_grad():
+        a, _ = model(x, lens)
+        b, _ = model(cmvn(x, lens), lens, normalized=True)
+    torch.testing.assert_close(a, b)
+    assert {"cmvn.mean", "cmvn.std"} <= set(model.state_dict())
