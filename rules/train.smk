@@ -73,10 +73,14 @@ rule train:
         nodes=1,
         tasks=config["horovod"]["np"],
     shell:
+        # JSON goes through files: horovodrun re-joins the command line and would mangle quoting.
         """
+        mkdir -p {params.out_dir}
+        printf '%s' {params.train_json} > {params.out_dir}/params.json
+        printf '%s' {params.run_config} > {params.out_dir}/run_config.json
         horovodrun $(python {params.scripts}/horovod_hosts.py {params.np} {params.hosts}) {params.extra} \
           python {params.scripts}/train.py --manifest {input.manifest} --plan {input.plan} --vocab {input.vocab} \
           --cmvn {input.cmvn} --noise {input.noise} --out-dir {params.out_dir} --experiment {params.experiment} \
-          --tracking-uri {params.tracking:q} --log-dir logs/train/{wildcards.variant}.ranks \
-          --params {params.train_json} --run-config {params.run_config} > {log} 2>&1
+          --tracking-uri={params.tracking} --log-dir logs/train/{wildcards.variant}.ranks \
+          --params {params.out_dir}/params.json --run-config {params.out_dir}/run_config.json > {log} 2>&1
         """

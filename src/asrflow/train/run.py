@@ -33,11 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vocab", required=True, type=Path)
     ap.add_argument("--cmvn", required=True, type=Path)
     ap.add_argument("--noise", type=Path, default=None, help="noise manifest (train environments are used)")
-    ap.add_argument("--params", required=True, help="training params as JSON (the config's training section)")
+    ap.add_argument("--params", required=True, type=Path,
+                    help="JSON file of training params (the variant's resolved training section)")
     ap.add_argument("--out-dir", required=True, type=Path)
     ap.add_argument("--experiment", default="asrflow")
     ap.add_argument("--tracking-uri", default=None)
-    ap.add_argument("--run-config", default="{}", help="resolved workflow config (JSON) recorded as MLflow params")
+    ap.add_argument("--run-config", type=Path, default=None,
+                    help="JSON file of the resolved workflow config, recorded as MLflow params")
     ap.add_argument("--log-dir", type=Path, default=None, help="per-rank log files go here")
     return ap.parse_args(argv)
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world = init_distributed()
     setup_logging(world.rank, args.log_dir)
-    params = TrainParams.from_config(json.loads(args.params))
+    params = TrainParams.from_config(json.loads(args.params.read_text()))
     ctx = build_context(args, params, world)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log.info("world: %d rank(s) over %s, device %s, precision %s, %d parameters, %d batches/epoch/rank",
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if world.is_main:
         from asrflow.tracking import StepRun, resolve_tracking_uri
 
-        tracker = StepRun("train", json.loads(args.run_config), args.experiment, resolve_tracking_uri(args.tracking_uri),
+        run_config = json.loads(args.run_config.read_text()) if args.run_config else {}
+        tracker = StepRun("train", run_config, args.experiment, resolve_tracking_uri(args.tracking_uri),
                           run_name=f"train[{params.variant}]", extra_tags={"asrflow.variant": params.variant},
                           system_metrics=True).__enter__()
         tracker.params({f"train.{k}": v for k, v in params.to_dict().items()} |
@@ -164,7 +167,9 @@ def log_pytorch_model(tracker, model_path: Path) -> None:
 
     model = load_model(model_path)
     with store_lock(tracker.uri):
-        mlflow.pytorch.log_model(model, name="model", pip_requirements=["torch==2.11.0", "torchaudio==2.11.0"])
+        # pickle: the Recognizer takes (waves, lengths), which the traced pt2 format cannot infer from one example
+        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                 pip_requirements=["torch==2.11.0", "torchaudio==2.11.0", "asrflow"])
     tracker.artifact(model_path, "checkpoint")
 
 

@@ -137,7 +137,7 @@ def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
             group["lr"] = learning_rate(p, state.global_step, ctx.total_steps, world.size)
         batch = ctx.train_store.collate(batches[index])
         out = compute_loss(model, ctx.loss_fn, batch, ctx.logmel, ctx.aug, ctx.device, ctx.amp_dtype, ctx.class_weights)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         if all_ranks_finite(out.loss.detach(), world):
             ctx.scaler.scale(out.loss).backward()
             world.synchronize(opt)

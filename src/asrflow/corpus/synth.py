@@ -1,0 +1,642 @@
+"""The embedded default corpus: English speech synthesized offline with espeak-ng, flite and festival.
+
+``generate_corpus`` writes ``<out_dir>/wav/<id>.wav`` and ``<out_dir>/manifest.jsonl``. The ``audio``
+field of every manifest line is the path *relative to the manifest's folder* (``wav/<id>.wav``), so the
+corpus folder can be moved or mirrored as a whole.
+
+The corpus is built to exercise the workflow, not to be pleasant:
+
+* dialects are espeak-ng's English accents, two of them rare (under 5% of the utterances each);
+* a speaker is one fixed (engine, voice/accent, settings) combination; dev/test speakers and sentences
+  never occur in train, every dialect occurs in dev and test, and one whole voice family (festival's
+  ``ked_diphone`` by default) is heard only in test (``held_out_family: true``);
+* a random gain per utterance (``gain_db``), a few utterances longer than 15 s (several sentences spoken
+  as one, transcript = the sentences joined), source rates of 22050 Hz (espeak-ng), 16000 Hz (flite,
+  festival) and a share band-limited and resampled to 8000 Hz like a telephone (``telephone: true``);
+* optionally a few deliberately broken files (``defect``) for the quarantine step.
+
+Determinism: every random choice is drawn in the parent process from ``numpy.random.default_rng(seed)``
+before any audio is made; the engines and sox (run with ``-D``, no dither) are deterministic, and
+each utterance's audio depends only on its own parameters. So a seed gives byte-identical audio and
+manifest whatever ``jobs`` is, on a machine with the same Debian package versions (engine or sentence
+source upgrades can change the audio or the sentence pool).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from asrflow.audio import read_audio, run_sox, write_audio
+from asrflow.corpus.sentences import load_sentences
+from asrflow.manifest import SPLITS, Utterance, write_json, write_manifest
+
+# espeak-ng's English accents; these names are the corpus's dialect labels.
+DIALECTS = (
+    "en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc",
+)
+ESPEAK_VARIANTS = tuple(f"m{i}" for i in range(1, 9)) + tuple(f"f{i}" for i in range(1, 6))
+ESPEAK_PITCHES = tuple(range(30, 75, 5))
+ESPEAK_SPEEDS = tuple(range(140, 200, 10))  # words per minute
+
+# Native output rates. festival's HTS voice writes 32 kHz; it is resampled to the engine rate.
+ENGINE_RATES = {"espeak": 22050, "flite": 16000, "festival": 16000}
+TELEPHONE_RATE = 8000
+PEAK_DBFS = -1.0  # level every utterance is normalized to before its random gain
+
+STRETCHES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
+PITCH_CENTS = (-200, -100, 0, 100, 200)
+
+
+@dataclass(frozen=True)
+class VoiceFamily:
+    """One engine voice and the settings grid its speakers are drawn from."""
+
+    engine: str
+    voice: str
+    dialect: str
+    stretches: tuple[float, ...] = (1.0,)
+    f0_means: tuple[int | None, ...] = (None,)  # flite int_f0_target_mean
+    pitch_cents: tuple[int, ...] = (0,)  # festival: sox pitch shift, its only pitch control
+
+
+# flite's "kal" (8 kHz) and "awb_time" (talking clock only) are left out. rms ignores int_f0_target_mean.
+FLITE_FAMILIES = {
+    "kal16": VoiceFamily("flite", "kal16", "en-us", STRETCHES, (85, 95, 105, 115, 125)),
+    "awb": VoiceFamily("flite", "awb", "en-gb-scotland", STRETCHES, (90, 100, 110, 120, 130)),  # Scottish
+    "rms": VoiceFamily("flite", "rms", "en-us", STRETCHES),
+    "slt": VoiceFamily("flite", "slt", "en-us", STRETCHES, (150, 165, 180, 195, 210)),
+}
+# The HTS voice ignores Duration_Stretch, so its speakers differ by pitch shift only.
+FESTIVAL_FAMILIES = {
+    "kal_diphone": VoiceFamily("festival", "kal_diphone", "en-us", STRETCHES, pitch_cents=PITCH_CENTS),
+    "ked_diphone": VoiceFamily("festival", "ked_diphone", "en-us", STRETCHES, pitch_cents=PITCH_CENTS),
+    "cmu_us_slt_arctic_hts": VoiceFamily("festival", "cmu_us_slt_arctic_hts", "en-us", pitch_cents=PITCH_CENTS),
+}
+
+_SMALL = {
+    # utterances per split (before defects)
+    "n_train": 24, "n_dev": 9, "n_test": 11,
+    # speakers per split: per espeak accent, per flite voice, per festival voice
+    "espeak_speakers": {"train": 1, "dev": 1, "test": 1},
+    "flite_speakers": {"train": 1, "dev": 1, "test": 1},
+    "festival_speakers": {"train": 1, "dev": 1, "test": 1},
+    "flite_voices": ["kal16", "awb", "rms", "slt"],
+    "festival_voices": ["kal_diphone", "cmu_us_slt_arctic_hts"],
+    # voice families heard in test only, "engine:voice"
+    "held_out_voices": ["festival:ked_diphone"],
+    "held_out_speakers": 1,
+    "held_out_share": 0.1,  # of the test utterances
+    # how the utterances not needed for coverage are shared between engines
+    "engine_weights": {"espeak": 0.6, "flite": 0.25, "festival": 0.15},
+    "rare_dialects": ["en-029", "en-gb-x-gbcwmd"],
+    "rare_dialect_share": 0.03,  # per rare dialect, of each split
+    "long_splits": ["train"],
+    "long_fraction": 0.03,
+    "min_long": 2,  # per split in long_splits
+    "long_min_seconds": 16.0,
+    "long_words": 70,  # words reserved per long utterance; enough for 16 s at the fastest speaker
+    "telephone_fraction": 0.15,
+    "gain_db": [-30.0, 0.0],
+    "gap_seconds": 0.3,  # silence between the sentences of a long utterance
+    "min_words": 3, "max_words": 20,
+    "defects": False,
+    "batch_size": 16,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": _SMALL,
+    "default": {
+        **_SMALL,
+        "n_train": 1850, "n_dev": 200, "n_test": 220,
+        "espeak_speakers": {"train": 6, "dev": 2, "test": 2},
+        "flite_speakers": {"train": 3, "dev": 1, "test": 1},
+        "festival_speakers": {"train": 3, "dev": 1, "test": 1},
+        "held_out_speakers": 3,
+        "held_out_share": 0.15,
+        "min_long": 1,
+        "defects": True,
+    },
+}
+
+DEFECT_KINDS = ("truncated_header", "digital_silence", "hard_clipped")
+
+
+class CorpusError(RuntimeError):
+    """The corpus cannot be generated (missing engine, impossible preset, engine failure)."""
+
+
+# --------------------------------------------------------------------------------------------- speakers
+
+
+@dataclass(frozen=True)
+class Speaker:
+    engine: str
+    voice: str
+    dialect: str
+    settings: tuple[tuple[str, Any], ...]  # sorted (name, value) pairs, hashable
+    held_out_family: bool = False
+
+    @property
+    def id(self) -> str:
+        s = dict(self.settings)
+        if self.engine == "espeak":
+            return f"espeak-{self.voice}-{s['variant']}-p{s['pitch']}-s{s['speed_wpm']}"
+        parts = [self.engine, self.voice, f"d{round(s['duration_stretch'] * 100)}"]
+        if s.get("f0_mean") is not None:
+            parts.append(f"f{s['f0_mean']}")
+        if s.get("pitch_cents"):
+            parts.append(f"c{s['pitch_cents']}")
+        return "-".join(parts)
+
+    def settings_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.settings if v is not None}
+
+
+def _espeak_grid(accent: str) -> list[Speaker]:
+    return [
+        Speaker("espeak", accent, accent, (("pitch", p), ("speed_wpm", s), ("variant", v)))
+        for v in ESPEAK_VARIANTS for p in ESPEAK_PITCHES for s in ESPEAK_SPEEDS
+    ]
+
+
+def _family_grid(family: VoiceFamily, held_out: bool) -> list[Speaker]:
+    return [
+        Speaker(family.engine, family.voice, family.dialect,
+                (("duration_stretch", d), ("f0_mean", f), ("pitch_cents", c)), held_out)
+        for d in family.stretches for f in family.f0_means for c in family.pitch_cents
+    ]
+
+
+def _draw(rng: np.random.Generator, grid: list[Speaker], counts: dict[str, int], what: str) -> dict[str, list[Speaker]]:
+    """Draw distinct speakers from ``grid`` and deal them to splits, so no speaker is in two splits."""
+    total = sum(counts.values())
+    if total > len(grid):
+        raise CorpusError(f"{what}: {total} speakers asked for but only {len(grid)} distinct settings exist")
+    picked = [grid[i] for i in rng.choice(len(grid), size=total, replace=False)]
+    out, start = {}, 0
+    for split in SPLITS:
+        n = counts.get(split, 0)
+        out[split] = picked[start:start + n]
+        start += n
+    return out
+
+
+def _family(engine: str, voice: str) -> VoiceFamily:
+    table = {"flite": FLITE_FAMILIES, "festival": FESTIVAL_FAMILIES}.get(engine, {})
+    if voice not in table:
+        raise CorpusError(f"unknown {engine} voice {voice!r}; known: {', '.join(sorted(table))}")
+    return table[voice]
+
+
+def draw_speakers(cfg: dict[str, Any], rng: np.random.Generator) -> dict[str, list[Speaker]]:
+    """Speakers per split; held-out voice families go to test only."""
+    per_split: dict[str, list[Speaker]] = {s: [] for s in SPLITS}
+
+    def add(drawn: dict[str, list[Speaker]]) -> None:
+        for split, speakers in drawn.items():
+            per_split[split].extend(speakers)
+
+    for accent in DIALECTS:
+        add(_draw(rng, _espeak_grid(accent), cfg["espeak_speakers"], f"espeak {accent}"))
+    for engine, key in (("flite", "flite_speakers"), ("festival", "festival_speakers")):
+        for voice in cfg[f"{engine}_voices"]:
+            add(_draw(rng, _family_grid(_family(engine, voice), False), cfg[key], f"{engine} {voice}"))
+    for name in cfg["held_out_voices"]:
+        engine, _, voice = name.partition(":")
+        add(_draw(rng, _family_grid(_family(engine, voice), True), {"test": cfg["held_out_speakers"]}, name))
+    return per_split
+
+
+# --------------------------------------------------------------------------------------------- slots
+
+
+@dataclass
+class Slot:
+    """One utterance to make: everything about it is decided here, in the parent process."""
+
+    split: str
+    speaker: Speaker
+    long: bool = False
+    telephone: bool = False
+    gain_db: float = 0.0
+    defect: str | None = None
+    sentences: list[str] = field(default_factory=list)  # for long ones: candidates, a prefix is spoken
+    id: str = ""
+
+
+def _pick(rng: np.random.Generator, speakers: list[Speaker], what: str) -> Speaker:
+    if not speakers:
+        raise CorpusError(f"no speaker available for {what}; raise the speaker counts of the preset")
+    return speakers[int(rng.integers(len(speakers)))]
+
+
+def _split_slots(cfg: dict[str, Any], split: str, n: int, speakers: list[Speaker],
+                 rng: np.random.Generator) -> list[Slot]:
+    """``n`` slots for one split: coverage first, then rare dialects and held-out voices, then the rest."""
+    rare = set(cfg["rare_dialects"])
+    held = [s for s in speakers if s.held_out_family]
+    normal = [s for s in speakers if not s.held_out_family]
+    espeak_of = {d: [s for s in normal if s.engine == "espeak" and s.dialect == d] for d in DIALECTS}
+    chosen: list[Speaker] = []
+    # Every dialect in every split, so dev/test can report per-dialect error rates.
+    for dialect in DIALECTS:
+        chosen.append(_pick(rng, espeak_of[dialect], f"{split} {dialect}"))
+    # Train hears every voice family that is not held out, so a held-out voice has relatives in training.
+    if split == "train":
+        for voice in sorted({(s.engine, s.voice) for s in normal if s.engine != "espeak"}):
+            chosen.append(_pick(rng, [s for s in normal if (s.engine, s.voice) == voice], f"{split} {voice}"))
+    for dialect in sorted(rare):
+        extra = max(1, round(n * cfg["rare_dialect_share"])) - 1
+        chosen.extend(_pick(rng, espeak_of[dialect], f"{split} {dialect}") for _ in range(extra))
+    if held:
+        chosen.extend(_pick(rng, held, f"{split} held-out") for _ in range(max(1, round(n * cfg["held_out_share"]))))
+    if len(chosen) > n:
+        raise CorpusError(f"{split}: {n} utterances are too few for the {len(chosen)} that coverage needs")
+
+    common = [s for s in normal if s.dialect not in rare or s.engine != "espeak"]
+    engines = sorted(cfg["engine_weights"])
+    weights = np.array([cfg["engine_weights"][e] for e in engines], dtype=float)
+    by_engine = {e: [s for s in common if s.engine == e] for e in engines}
+    for _ in range(n - len(chosen)):
+        engine = engines[int(rng.choice(len(engines), p=weights / weights.sum()))]
+        chosen.append(_pick(rng, by_engine[engine], f"{split} {engine}"))
+    return [Slot(split=split, speaker=s) for s in chosen]
+
+
+def _sentence_stream(pool: list[str], rng: np.random.Generator) -> Iterator[str]:
+    for i in rng.permutation(len(pool)):
+        yield pool[int(i)]
+
+
+def _assign_sentences(cfg: dict[str, Any], slots: list[Slot], pool: list[str], rng: np.random.Generator) -> None:
+    """Give slots sentences from one shuffled pass over the pool: dev, then test, then train.
+
+    Splits never share a sentence. Only train may run out of fresh sentences; it then reuses its own.
+    """
+    stream = _sentence_stream(pool, rng)
+    for split in ("dev", "test", "train"):
+        used: list[str] = []
+
+        def take() -> str:
+            for sentence in stream:
+                used.append(sentence)
+                return sentence
+            if split != "train" or not used:
+                raise CorpusError("the sentence pool is too small for the dev/test sets of this preset")
+            return used[int(rng.integers(len(used)))]
+
+        for slot in (s for s in slots if s.split == split):
+            slot.sentences = [take()]
+            if slot.long:
+                while sum(len(t.split()) for t in slot.sentences) < cfg["long_words"]:
+                    slot.sentences.append(take())
+
+
+def _flag_random(rng: np.random.Generator, slots: list[Slot], count: int, attr: str) -> None:
+    for i in sorted(rng.choice(len(slots), size=min(count, len(slots)), replace=False)):
+        setattr(slots[int(i)], attr, True)
+
+
+def plan_corpus(cfg: dict[str, Any], seed: int, pool: list[str]) -> list[Slot]:
+    """Every random decision of the corpus, in a fixed order, from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    speakers = draw_speakers(cfg, rng)
+    slots: list[Slot] = []
+    for split in SPLITS:
+        split_slots = _split_slots(cfg, split, int(cfg[f"n_{split}"]), speakers[split], rng)
+        if split in cfg["long_splits"]:
+            n_long = max(int(cfg["min_long"]), round(len(split_slots) * cfg["long_fraction"]))
+            _flag_random(rng, split_slots, n_long, "long")
+        slots.extend(split_slots)
+    if cfg["defects"]:
+        for kind in DEFECT_KINDS:
+            slots.append(Slot(split="train", speaker=_pick(rng, speakers["train"], "defects"), defect=kind))
+    _flag_random(rng, slots, round(len(slots) * cfg["telephone_fraction"]), "telephone")
+    lo, hi = cfg["gain_db"]
+    for slot in slots:
+        slot.gain_db = round(float(rng.uniform(lo, hi)), 1)
+    _assign_sentences(cfg, slots, pool, rng)
+    counter: Counter[str] = Counter()
+    for slot in slots:  # ids grouped by speaker, like Kaldi's <speaker>-<n>
+        counter[slot.speaker.id] += 1
+        slot.id = f"{slot.speaker.id}-{counter[slot.speaker.id]:04d}"
+    return slots
+
+
+# --------------------------------------------------------------------------------------------- engines
+
+
+def _run(cmd: list[str], what: str, cwd: str | None = None, timeout: float = 600.0) -> None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise CorpusError(f"{what} timed out after {timeout}s") from exc
+    if proc.returncode != 0:
+        raise CorpusError(f"{what} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+
+
+def require_engines(engines: set[str]) -> None:
+    binaries = {"espeak": ["espeak-ng"], "flite": ["flite"], "festival": ["festival"]}
+    packages = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "festival festvox-kallpc16k"}
+    missing = [b for e in sorted(engines) for b in binaries[e] if shutil.which(b) is None]
+    if shutil.which("sox") is None:
+        missing.append("sox")
+    if missing:
+        pkgs = " ".join(packages.get(m, m) for m in missing)
+        raise CorpusError(f"missing synthesis tools: {', '.join(missing)} (apt-get install {pkgs})")
+
+
+def _espeak(speaker: Speaker, texts: list[str], tmp: Path) -> list[Path]:
+    s = dict(speaker.settings)
+    outs = []
+    for i, text in enumerate(texts):
+        txt, wav = tmp / f"{i}.txt", tmp / f"{i}.wav"
+        txt.write_text(text + "\n", encoding="utf-8")
+        _run(["espeak-ng", "-v", f"{speaker.voice}+{s['variant']}", "-p", str(s["pitch"]), "-s", str(s["speed_wpm"]),
+              "-f", str(txt), "-w", str(wav)], f"espeak-ng {speaker.id}")
+        outs.append(wav)
+    return outs
+
+
+def _flite(speaker: Speaker, texts: list[str], tmp: Path) -> list[Path]:
+    s = dict(speaker.settings)
+    opts = ["--setf", f"duration_stretch={s['duration_stretch']}"]
+    if s.get("f0_mean") is not None:
+        opts += ["--setf", f"int_f0_target_mean={s['f0_mean']}"]
+    outs = []
+    for i, text in enumerate(texts):
+        txt, wav = tmp / f"{i}.txt", tmp / f"{i}.wav"
+        txt.write_text(text + "\n", encoding="utf-8")
+        _run(["flite", "-voice", speaker.voice, *opts, "-f", str(txt), "-o", str(wav)], f"flite {speaker.id}")
+        outs.append(wav)
+    return outs
+
+
+def _festival(speaker: Speaker, texts: list[str], tmp: Path) -> list[Path]:
+    """One festival process for the whole batch: loading a voice costs more than synthesizing a sentence.
+
+    Checked: a sentence synthesized after others in one process is byte-identical to one synthesized alone.
+    """
+    s = dict(speaker.settings)
+    lines = [f"(voice_{speaker.voice})", f"(Parameter.set 'Duration_Stretch {s['duration_stretch']})"]
+    outs = []
+    for i, text in enumerate(texts):
+        wav = tmp / f"{i}.wav"
+        # Transcripts hold only letters, apostrophes and spaces, so they are safe inside a Scheme string.
+        lines.append(f'(utt.save.wave (utt.synth (Utterance Text "{text}")) "{wav}" \'riff)')
+        outs.append(wav)
+    script = tmp / "batch.scm"
+    script.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _run(["festival", "-b", str(script)], f"festival {speaker.id}", cwd=str(tmp))
+    return outs
+
+
+_ENGINES = {"espeak": _espeak, "flite": _flite, "festival": _festival}
+
+
+def synthesize(speaker: Speaker, texts: list[str], tmp: Path) -> tuple[list[np.ndarray], int]:
+    """Speak each text (lower-cased: engines spell out all-capital words) at the engine's rate."""
+    paths = _ENGINES[speaker.engine](speaker, [t.lower() for t in texts], tmp)
+    rate = ENGINE_RATES[speaker.engine]
+    waves = []
+    for path in paths:
+        samples, sr = read_audio(path)
+        cents = dict(speaker.settings).get("pitch_cents") or 0
+        if sr != rate or cents:
+            samples = sox_process(samples, sr, rate, tmp, ["pitch", str(cents)] if cents else [])
+        waves.append(samples)
+    return waves, rate
+
+
+def sox_process(samples: np.ndarray, sr: int, out_rate: int, tmp: Path, effects: list[str]) -> np.ndarray:
+    """Run sox effects and resample, in 32-bit float so nothing is dithered (-D makes sure)."""
+    src, dst = tmp / "sox_in.wav", tmp / "sox_out.wav"
+    write_audio(src, samples, sr, subtype="FLOAT")
+    run_sox(["-D", str(src), str(dst), *effects, "rate", "-h", str(out_rate)])
+    out, got = read_audio(dst)
+    assert got == out_rate
+    return out
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def _level(samples: np.ndarray, gain_db: float) -> np.ndarray:
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if peak == 0.0:
+        return samples
+    return samples * (10 ** ((PEAK_DBFS + gain_db) / 20.0) / peak)
+
+
+def _join(waves: list[np.ndarray], sr: int, gap_seconds: float,
+          min_seconds: float | None) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Concatenate with pauses; for a long utterance stop at the first prefix of ``min_seconds`` or more.
+
+    Returns the audio and each spoken sentence's (start, end) in seconds: the truncation step splits
+    over-long utterances only at these known boundaries.
+    """
+    gap = np.zeros(int(round(gap_seconds * sr)), dtype=np.float32)
+    parts: list[np.ndarray] = []
+    spans: list[tuple[float, float]] = []
+    length = 0
+    for wave in waves:
+        if parts:
+            parts.append(gap)
+            length += len(gap)
+        parts.append(wave.astype(np.float32))
+        spans.append((length / sr, (length + len(wave)) / sr))
+        length += len(wave)
+        if min_seconds is None or length >= min_seconds * sr:
+            break
+    return np.concatenate(parts), spans
+
+
+def _write_defect(path: Path, samples: np.ndarray, sr: int, kind: str) -> None:
+    if kind == "digital_silence":
+        write_audio(path, np.zeros_like(samples), sr)
+    elif kind == "hard_clipped":
+        peak = float(np.max(np.abs(samples))) or 1.0
+        # 12 dB above full scale whatever the utterance's gain: a long run of samples sits on the rails
+        write_audio(path, np.clip(samples / peak * 10 ** (12 / 20), -1.0, 1.0), sr)
+    elif kind == "truncated_header":
+        write_audio(path, samples, sr)
+        data = path.read_bytes()
+        path.write_bytes(data[:30])  # cut inside the 44-byte RIFF header: no reader can open it
+    else:
+        raise CorpusError(f"unknown defect kind {kind!r}")
+
+
+def _render_batch(task: tuple[list[Slot], str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Synthesize one speaker's batch of slots and write their wavs; returns manifest records."""
+    slots, wav_dir, cfg = task
+    speaker = slots[0].speaker
+    records = []
+    with tempfile.TemporaryDirectory(prefix="asrflow-synth-") as tmpdir:
+        tmp = Path(tmpdir)
+        texts = [t for slot in slots for t in slot.sentences]
+        waves, sr = synthesize(speaker, texts, tmp)
+        start = 0
+        for slot in slots:
+            own = waves[start:start + len(slot.sentences)]
+            start += len(slot.sentences)
+            samples, spans = _join(own, sr, cfg["gap_seconds"], cfg["long_min_seconds"] if slot.long else None)
+            rate = sr
+            if slot.telephone:
+                samples = sox_process(samples, sr, TELEPHONE_RATE, tmp, ["sinc", "300-3400"])
+                rate = TELEPHONE_RATE
+            samples = _level(samples, slot.gain_db)
+            path = Path(wav_dir) / f"{slot.id}.wav"
+            if slot.defect:
+                _write_defect(path, samples, rate, slot.defect)
+            else:
+                write_audio(path, samples, rate)
+            segments = [[round(a, 4), round(b, 4), t] for (a, b), t in zip(spans, slot.sentences)]
+            records.append(_record(slot, segments, len(samples), rate, sr))
+    return records
+
+
+def _record(slot: Slot, segments: list[list], frames: int, rate: int, source_rate: int) -> dict[str, Any]:
+    sp = slot.speaker
+    spoken = [text for _, _, text in segments]
+    extra: dict[str, Any] = {
+        "engine": sp.engine,
+        "voice": sp.voice,
+        "voice_settings": sp.settings_dict(),
+        "gain_db": slot.gain_db,
+        "telephone": slot.telephone,
+        "source_sample_rate": source_rate,
+        "n_sentences": len(spoken),
+        "segments": segments,  # [start_s, end_s, sentence] per spoken sentence
+        "held_out_family": sp.held_out_family,
+    }
+    if slot.defect:
+        extra["defect"] = slot.defect
+    utt = Utterance(
+        id=slot.id, audio=f"wav/{slot.id}.wav", text=" ".join(spoken), duration=round(frames / rate, 6),
+        sample_rate=rate, speaker=sp.id, dialect=sp.dialect, split=slot.split, extra=extra,
+    )
+    return utt.to_dict()
+
+
+def _remove_stale(wav_dir: Path, keep: set[str]) -> None:
+    """Drop wavs of an earlier run with another seed or preset, so the folder matches the manifest."""
+    for path in wav_dir.glob("*.wav"):
+        if path.name not in keep:
+            path.unlink()
+
+
+def _batches(slots: list[Slot], size: int) -> list[list[Slot]]:
+    by_speaker: dict[str, list[Slot]] = defaultdict(list)
+    for slot in slots:
+        by_speaker[slot.speaker.id].append(slot)
+    # festival batches first: they are the slowest, so the pool's tail stays short
+    order = sorted(by_speaker, key=lambda k: (by_speaker[k][0].speaker.engine != "festival", k))
+    return [by_speaker[k][i:i + size] for k in order for i in range(0, len(by_speaker[k]), size)]
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def resolve_preset(preset: str | dict[str, Any] = "default") -> dict[str, Any]:
+    """A preset name, or a dict of overrides on top of ``base`` (a preset name, "default" if absent)."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise CorpusError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        return json.loads(json.dumps(PRESETS[preset]))  # deep copy
+    overrides = dict(preset)
+    cfg = resolve_preset(overrides.pop("base", "default"))
+    unknown = sorted(set(overrides) - set(cfg))
+    if unknown:
+        raise CorpusError(f"unknown corpus preset key(s): {', '.join(unknown)}")
+    cfg.update(overrides)
+    return cfg
+
+
+def summarize(records: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    counts: dict[str, Counter] = {k: Counter() for k in ("split", "dialect", "engine", "sample_rate")}
+    seconds: Counter[str] = Counter()
+    by_split_dialect: dict[str, Counter] = defaultdict(Counter)
+    speakers: dict[str, set] = defaultdict(set)
+    for r in records:
+        for k in counts:
+            counts[k][str(r[k])] += 1
+        seconds[r["split"]] += r["duration"]
+        by_split_dialect[r["split"]][r["dialect"]] += 1
+        speakers[r["split"]].add(r["speaker"])
+    return {
+        "seed": seed,
+        "utterances": len(records),
+        "hours": {s: round(seconds[s] / 3600, 4) for s in SPLITS},
+        "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+        "dialects_per_split": {s: dict(sorted(by_split_dialect[s].items())) for s in SPLITS},
+        "speakers": {s: len(speakers[s]) for s in SPLITS},
+        "long": sum(r["n_sentences"] > 1 for r in records),
+        "longest_seconds": max((r["duration"] for r in records), default=0.0),
+        "telephone": sum(bool(r["telephone"]) for r in records),
+        "held_out_family": sum(bool(r["held_out_family"]) for r in records),
+        "defects": sorted(r["defect"] for r in records if r.get("defect")),
+    }
+
+
+def generate_corpus(out_dir: str | os.PathLike, preset: str | dict[str, Any] = "default",
+                    seed: int = 1234, jobs: int = 1) -> dict[str, Any]:
+    """Synthesize the corpus into ``out_dir``; return (and write to ``summary.json``) its summary.
+
+    Output: ``wav/<id>.wav`` at each utterance's own rate (16-bit PCM; wavs of earlier runs not in
+    this corpus are removed), ``manifest.jsonl`` with audio paths relative to ``out_dir``, and
+    ``summary.json``. Same seed and preset -> byte-identical files, for any ``jobs``.
+    """
+    cfg = resolve_preset(preset)
+    out = Path(out_dir)
+    engines = {"espeak"} | {n.partition(":")[0] for n in cfg["held_out_voices"]}
+    engines |= {e for e in ("flite", "festival") if cfg[f"{e}_voices"]}
+    require_engines(engines)
+    slots = plan_corpus(cfg, seed, load_sentences(cfg["min_words"], cfg["max_words"]))
+    wav_dir = out / "wav"
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(batch, str(wav_dir), cfg) for batch in _batches(slots, int(cfg["batch_size"]))]
+    if jobs > 1:
+        # fork, not spawn: a Snakemake `script:` has no __main__ guard for spawn to respect
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_render_batch, tasks))
+    else:
+        results = [_render_batch(t) for t in tasks]
+    records = sorted((r for batch in results for r in batch), key=lambda r: r["id"])
+    _remove_stale(wav_dir, {f"{r['id']}.wav" for r in records})
+    write_manifest(out / "manifest.jsonl", records)
+    summary = summarize(records, seed)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--preset", default="default", help="preset name, or a JSON object of overrides")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--jobs", type=int, default=1)
+    args = parser.parse_args(argv)
+    preset = json.loads(args.preset) if args.preset.lstrip().startswith("{") else args.preset
+    started = time.monotonic()
+    summary = generate_corpus(args.out_dir, preset, seed=args.seed, jobs=args.jobs)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    print(f"generated in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,193 @@
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asrflow.audio import AudioError, audio_info, read_audio, rms_dbfs
+from asrflow.corpus import synth
+from asrflow.corpus.sentences import load_sentences
+from asrflow.manifest import read_manifest
+from asrflow.text import is_clean
+
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(b) is None for b in ("espeak-ng", "flite", "festival", "sox")),
+    reason="espeak-ng, flite, festival and sox are needed",
+)
+SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small1")
+    summary = synth.generate_corpus(out, "small", seed=SEED, jobs=1)
+    return out, summary, read_manifest(out / "manifest.jsonl")
+
+
+@pytest.fixture(scope="module")
+def small_parallel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small2")
+    synth.generate_corpus(out, "small", seed=SEED, jobs=2)
+    return out
+
+
+def test_manifest_is_valid_and_audio_is_relative(small):
+    out, summary, utts = small
+    assert 30 <= len(utts) <= 60
+    assert summary["utterances"] == len(utts)
+    assert {u.split for u in utts} == {"train", "dev", "test"}
+    raw = {u.id: u.audio for u in read_manifest(out / "manifest.jsonl", resolve_audio=False)}
+    for u in utts:
+        assert raw[u.id] == f"wav/{u.id}.wav"  # stored relative to the manifest's folder
+        assert Path(u.audio) == (out / raw[u.id]).resolve() and Path(u.audio).is_file()
+        assert is_clean(u.text)
+        assert u.extra["engine"] in ("espeak", "flite", "festival")
+
+
+def test_durations_and_rates_match_the_files(small):
+    out, _, utts = small
+    for u in utts:
+        info = audio_info(out / u.audio)
+        assert info["channels"] == 1
+        assert info["sample_rate"] == u.sample_rate
+        assert abs(info["duration"] - u.duration) < 0.010
+    assert {22050, 16000, 8000} <= {u.sample_rate for u in utts}
+    for u in utts:
+        expected = 8000 if u.extra["telephone"] else synth.ENGINE_RATES[u.extra["engine"]]
+        assert u.sample_rate == expected
+
+
+def test_telephone_audio_is_band_limited(small):
+    out, _, utts = small
+    for u in (u for u in utts if u.extra["telephone"]):
+        x, sr = read_audio(out / u.audio)
+        power = np.abs(np.fft.rfft(x)) ** 2
+        freqs = np.fft.rfftfreq(len(x), 1 / sr)
+        assert power[freqs > 3600].sum() < 0.02 * power.sum()
+
+
+def _contains(long_text: str, sentence: str) -> bool:
+    return re.search(rf"(^| ){re.escape(sentence)}( |$)", long_text) is not None
+
+
+def test_dev_and_test_speakers_and_sentences_are_held_out(small):
+    _, _, utts = small
+    train = [u for u in utts if u.split == "train"]
+    train_speakers = {u.speaker for u in train}
+    for split in ("dev", "test"):
+        held = [u for u in utts if u.split == split]
+        assert not {u.speaker for u in held} & train_speakers
+        assert not any(_contains(t.text, h.text) for h in held for t in train)
+        assert {u.dialect for u in held} == set(synth.DIALECTS)
+    dev_texts, test_texts = {u.text for u in utts if u.split == "dev"}, {u.text for u in utts if u.split == "test"}
+    assert not dev_texts & test_texts
+
+
+def test_a_whole_voice_family_is_test_only_while_train_mixes_engines(small):
+    _, summary, utts = small
+    family = {(u.extra["engine"], u.extra["voice"]) for u in utts if u.extra["held_out_family"]}
+    assert family
+    assert all(u.split == "test" for u in utts if u.extra["held_out_family"])
+    assert not family & {(u.extra["engine"], u.extra["voice"]) for u in utts if u.split != "test"}
+    assert {u.extra["engine"] for u in utts if u.split == "train"} == {"espeak", "flite", "festival"}
+    assert summary["held_out_family"] >= 1
+
+
+def test_long_utterances_are_several_sentences(small):
+    out, _, utts = small
+    long = [u for u in utts if u.duration > 15.0]
+    assert long
+    for u in long:
+        assert u.extra["n_sentences"] > 1 and u.split == "train"
+        assert len(read_audio(out / u.audio)[0]) / u.sample_rate > 15.0
+
+
+def test_sentence_segments_tile_text_and_audio(small):
+    out, _, utts = small
+    for u in utts:
+        segs = u.extra["segments"]
+        assert " ".join(t for _, _, t in segs) == u.text
+        assert all(0 <= a < b for a, b, _ in segs)
+        assert all(x[1] <= y[0] for x, y in zip(segs, segs[1:]))
+        assert segs[-1][1] <= u.duration + 0.05
+    # The pauses between sentences of a long utterance are (near) silence: the boundaries are real.
+    u = next(u for u in utts if u.extra["n_sentences"] > 1)
+    x, sr = read_audio(u.audio)
+    for (_, end, _), (start, _, _) in zip(u.extra["segments"], u.extra["segments"][1:]):
+        pause = x[int(end * sr) + sr // 50: int(start * sr) - sr // 50]
+        assert len(pause) and rms_dbfs(pause) < rms_dbfs(x) - 30
+
+
+def test_truncation_step_can_split_long_utterances(small):
+    truncate = pytest.importorskip("asrflow.prep.truncate")
+    _, _, utts = small
+    for u in (u for u in utts if u.duration > 15.0):
+        segs = truncate.valid_segments(u)
+        assert segs is not None
+        assert len(truncate.pack_segments(segs, 15.0)) >= 2
+
+
+def test_gain_spread_and_recorded_gain_are_physical(small):
+    out, _, utts = small
+    loudness = []
+    for u in utts:
+        x, _ = read_audio(out / u.audio)
+        loudness.append(rms_dbfs(x))
+        peak_db = 20 * np.log10(np.max(np.abs(x)))
+        assert abs(peak_db - (synth.PEAK_DBFS + u.extra["gain_db"])) < 0.2
+    assert max(loudness) - min(loudness) > 10.0
+
+
+def test_same_seed_same_bytes_for_any_jobs(small, small_parallel):
+    out1, _, utts = small
+    out2 = small_parallel
+    assert (out1 / "manifest.jsonl").read_bytes() == (out2 / "manifest.jsonl").read_bytes()
+    assert (out1 / "summary.json").read_bytes() == (out2 / "summary.json").read_bytes()
+    for u in utts:
+        name = Path(u.audio).name
+        assert (out1 / "wav" / name).read_bytes() == (out2 / "wav" / name).read_bytes(), u.id
+
+
+def test_another_seed_gives_another_plan():
+    cfg, pool = synth.resolve_preset("small"), load_sentences()
+    a = [(s.id, s.sentences) for s in synth.plan_corpus(cfg, 1, pool)]
+    assert a == [(s.id, s.sentences) for s in synth.plan_corpus(cfg, 1, pool)]
+    assert a != [(s.id, s.sentences) for s in synth.plan_corpus(cfg, 2, pool)]
+
+
+def test_default_plan_shapes_the_data_as_specified():
+    cfg = synth.resolve_preset("default")
+    slots = synth.plan_corpus(cfg, SEED, load_sentences())
+    n = len(slots)
+    dialects = Counter(s.speaker.dialect for s in slots)
+    for rare in cfg["rare_dialects"]:
+        assert 0 < dialects[rare] < 0.05 * n
+    assert sorted(s.defect for s in slots if s.defect) == sorted(synth.DEFECT_KINDS)
+    assert 0.10 < sum(s.telephone for s in slots) / n < 0.20
+    assert 0.01 < sum(s.long for s in slots) / n < 0.05
+    for split in ("dev", "test"):
+        assert {s.speaker.dialect for s in slots if s.split == split} == set(synth.DIALECTS)
+    assert len({s.id for s in slots}) == n
+
+
+def test_preset_overrides_are_checked():
+    assert synth.resolve_preset({"base": "small", "n_train": 30})["n_train"] == 30
+    with pytest.raises(synth.CorpusError, match="unknown corpus preset key"):
+        synth.resolve_preset({"n_trian": 30})
+    with pytest.raises(synth.CorpusError, match="too few"):
+        synth.plan_corpus(synth.resolve_preset({"base": "small", "n_dev": 3}), SEED, load_sentences())
+
+
+def test_defects_break_the_files_as_labelled(tmp_path):
+    sr = 16000
+    tone = 0.1 * np.sin(2 * np.pi * 440 * np.arange(sr) / sr)
+    synth._write_defect(tmp_path / "t.wav", tone, sr, "truncated_header")
+    with pytest.raises(AudioError):
+        read_audio(tmp_path / "t.wav")
+    synth._write_defect(tmp_path / "s.wav", tone, sr, "digital_silence")
+    assert not np.any(read_audio(tmp_path / "s.wav")[0])
+    synth._write_defect(tmp_path / "c.wav", tone, sr, "hard_clipped")
+    x, _ = read_audio(tmp_path / "c.wav")
+    assert np.mean(np.abs(x) > 0.999) > 0.3
