@@ -6,6 +6,9 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 # Absolute so the workflow runs from any working directory (snakemake -d DIR), as the tests do.
+report: "report/workflow.rst"
+
+
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
 
@@ -13,11 +16,23 @@ validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
 # so it cannot trigger reruns.
 os.environ.setdefault("ASRFLOW_INVOCATION", uuid.uuid4().hex[:12])
 
+# Jobs import the asrflow package from this checkout whatever their environment (venv, --sdm conda,
+# container), so the code that runs is the code of this commit.
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(workflow.basedir, "src"), os.getenv("PYTHONPATH")])))
+
+# --sdm apptainer runs every job in this image (build it from the Dockerfile and push it somewhere
+# the cluster can pull from, then set `container:` in the config).
+if config.get("container"):
+
+    container: config["container"]
+
+
 include: "rules/common.smk"
 include: "rules/corpus.smk"
 include: "rules/noise.smk"
 include: "rules/prep.smk"
 include: "rules/train.smk"
+include: "rules/eval.smk"
 
 
 rule all:
@@ -25,3 +40,5 @@ rule all:
     input:
         data_prep_outputs(),
         trained_models(),
+        evaluations(),
+        "results/report/ablations.md",

@@ -1,4 +1,6 @@
 # Shared helpers for the rule files.
+import json
+import shlex
 
 NOISE_ENVS = config["noise"]["train_environments"] + config["noise"]["heldout_environments"]
 SHARDS = list(range(config["prep"]["shards"]))
@@ -15,5 +17,42 @@ def data_prep_outputs():
     ]
 
 
+def evaluations():
+    return expand("results/eval/{variant}/metrics.json", variant=config["training"]["run_variants"])
+
+
 def trained_models():
     return expand("results/train/{variant}/model.pt", variant=config["training"]["run_variants"])
+
+
+# -- noise
+SYNTHETIC_MIRROR = "resources/demand_synthetic"
+
+
+def demand_mirror(wildcards=None):
+    src = config["noise"]["source"]
+    if src == "synthetic":
+        return SYNTHETIC_MIRROR
+    if src == "mirror":
+        return config["noise"]["mirror"]
+    return None
+
+
+# -- training
+def variant_params(variant):
+    """The base recipe with the variant's overrides (one level deep merge for dict options)."""
+    if variant not in config["training"]["variants"]:
+        raise ValueError(f"training variant {variant!r} is not defined under training.variants")
+    merged = json.loads(json.dumps(config["training"]["base"]))
+    for key, value in config["training"]["variants"][variant].items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    merged["variant"] = variant
+    merged.setdefault("seed", config["seed"])
+    return merged
+
+
+def variant_np(variant):
+    return int(variant_params(variant).get("np", config["horovod"]["np"]))

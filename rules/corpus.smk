@@ -18,6 +18,8 @@ if config["corpus"]["source"] == "embedded":
         resources:
             mem_mb=2000,
             runtime=30,
+        conda:
+            "../envs/audio.yaml"
         script:
             f"{SCRIPTS}/make_embedded_corpus.py"
 
@@ -40,5 +42,7 @@ else:
         resources:
             mem_mb=2000,
             runtime=60,
+        conda:
+            "../envs/audio.yaml"
         script:
             f"{SCRIPTS}/import_corpus.py"

@@ -2,18 +2,6 @@
 # The synthetic set is published as a local mirror in DEMAND's own zip layout, so every source goes
 # through the same md5-verified download and safe extraction.
 
-SYNTHETIC_MIRROR = "resources/demand_synthetic"
-
-
-def demand_mirror(wildcards=None):
-    src = config["noise"]["source"]
-    if src == "synthetic":
-        return SYNTHETIC_MIRROR
-    if src == "mirror":
-        return config["noise"]["mirror"]
-    return None
-
-
 rule synthesize_noise_mirror:
     output:
         mirror=directory(SYNTHETIC_MIRROR),
@@ -30,6 +18,8 @@ rule synthesize_noise_mirror:
     resources:
         mem_mb=1000,
         runtime=20,
+    conda:
+        "../envs/audio.yaml"
     script:
         f"{SCRIPTS}/synthesize_noise_mirror.py"
 
@@ -45,13 +35,15 @@ rule fetch_demand:
     benchmark:
         "benchmarks/noise/fetch_demand_{env}.tsv"
     params:
-        mirror=demand_mirror(),
+        mirror=lambda wc, input: input.mirror if config["noise"]["source"] == "synthetic" else demand_mirror(),
         synthetic=config["noise"]["source"] == "synthetic",
     threads: 1
     resources:
         mem_mb=500,
         runtime=60,
     retries: 2
+    conda:
+        "../envs/audio.yaml"
     script:
         f"{SCRIPTS}/fetch_demand.py"
 
@@ -73,5 +65,7 @@ rule noise_manifest:
     resources:
         mem_mb=500,
         runtime=5,
+    conda:
+        "../envs/audio.yaml"
     script:
         f"{SCRIPTS}/noise_manifest.py"

@@ -24,6 +24,8 @@ rule resample_shard:
     resources:
         mem_mb=1000,
         runtime=30,
+    conda:
+        "../envs/audio.yaml"
     script:
         f"{SCRIPTS}/resample_shard.py"
 
@@ -43,6 +45,8 @@ rule merge_resampled:
     resources:
         mem_mb=500,
         runtime=10,
+    conda:
+        "../envs/tracking.yaml"
     script:
         f"{SCRIPTS}/merge_resampled.py"
 
@@ -66,6 +70,8 @@ rule truncate:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        "../envs/audio.yaml"
     script:
         f"{SCRIPTS}/truncate.py"
 
@@ -83,6 +89,8 @@ rule vocab:
     resources:
         mem_mb=500,
         runtime=5,
+    conda:
+        "../envs/tracking.yaml"
     script:
         f"{SCRIPTS}/vocab.py"
 
@@ -106,6 +114,8 @@ rule bucketing:
     resources:
         mem_mb=500,
         runtime=5,
+    conda:
+        "../envs/tracking.yaml"
     script:
         f"{SCRIPTS}/bucketing.py"
 
@@ -128,5 +138,7 @@ rule data_report:
     resources:
         mem_mb=500,
         runtime=5,
+    conda:
+        "../envs/tracking.yaml"
     script:
         f"{SCRIPTS}/data_report.py"

@@ -1,25 +1,4 @@
 # CMVN statistics and the Horovod training rule (one run per training variant).
-import json
-import shlex
-
-
-def variant_params(variant):
-    """The base recipe with the variant's overrides (one level deep merge for dict options)."""
-    if variant not in config["training"]["variants"]:
-        raise ValueError(f"training variant {variant!r} is not defined under training.variants")
-    merged = json.loads(json.dumps(config["training"]["base"]))
-    for key, value in config["training"]["variants"][variant].items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    merged["variant"] = variant
-    merged.setdefault("seed", config["seed"])
-    return merged
-
-
-def variant_np(variant):
-    return int(variant_params(variant).get("np", config["horovod"]["np"]))
 
 
 rule cmvn:
@@ -38,6 +17,8 @@ rule cmvn:
     resources:
         mem_mb=3000,
         runtime=15,
+    conda:
+        "../envs/training.yaml"
     script:
         f"{SCRIPTS}/cmvn.py"
 
@@ -72,6 +53,8 @@ rule train:
         runtime=120,
         nodes=1,
         tasks=config["horovod"]["np"],
+    conda:
+        "../envs/training.yaml"
     shell:
         # JSON goes through files: horovodrun re-joins the command line and would mangle quoting.
         """

@@ -1,0 +1,90 @@
+# Language model, evaluation of each trained variant, and the ablation table.
+
+
+rule language_model:
+    input:
+        manifest="results/prep/truncated.jsonl",
+    output:
+        arpa="results/lm/words.arpa",
+        stats="results/lm/stats.json",
+    log:
+        "logs/lm/language_model.log",
+    benchmark:
+        "benchmarks/lm/language_model.tsv"
+    params:
+        order=config["evaluation"]["lm_order"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/evaluation.yaml"
+    script:
+        f"{SCRIPTS}/language_model.py"
+
+
+rule evaluate:
+    input:
+        model="results/train/{variant}/model.pt",
+        manifest="results/prep/truncated.jsonl",
+        noise="results/noise/manifest.jsonl",
+        lm="results/lm/words.arpa",
+    output:
+        metrics="results/eval/{variant}/metrics.json",
+        hyps="results/eval/{variant}/hypotheses.jsonl",
+        by_condition=report("results/eval/{variant}/by_condition.csv", category="Evaluation",
+                            subcategory="{variant}", labels={"table": "WER/CER by SNR"}),
+        per_dialect=report("results/eval/{variant}/per_dialect.csv", category="Evaluation",
+                           subcategory="{variant}", labels={"table": "per dialect"}),
+        per_group=report("results/eval/{variant}/per_speaker_group.csv", category="Evaluation",
+                         subcategory="{variant}", labels={"table": "per speaker group"}),
+        wer_vs_snr=report("results/eval/{variant}/wer_vs_snr.png", category="Evaluation",
+                          subcategory="{variant}", labels={"figure": "WER vs SNR"}),
+        dialect_plot=report("results/eval/{variant}/per_dialect.png", category="Evaluation",
+                            subcategory="{variant}", labels={"figure": "per-dialect WER"}),
+    log:
+        "logs/eval/{variant}.log",
+    benchmark:
+        "benchmarks/eval/{variant}.tsv"
+    params:
+        snr_levels=config["evaluation"]["snr_levels"],
+        beam_size=config["evaluation"]["beam_size"],
+        beam_size_token=config["evaluation"]["beam_size_token"],
+        lm_weights=config["evaluation"]["lm_weights"],
+        word_scores=config["evaluation"]["word_scores"],
+        dev_tune_utterances=config["evaluation"]["dev_tune_utterances"],
+        lm_conditions=config["evaluation"]["lm_conditions"],
+        seed=config["seed"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/evaluation.yaml"
+    script:
+        f"{SCRIPTS}/evaluate.py"
+
+
+rule ablation_table:
+    input:
+        metrics=expand("results/eval/{variant}/metrics.json", variant=config["training"]["run_variants"]),
+        summaries=expand("results/train/{variant}/train_summary.json", variant=config["training"]["run_variants"]),
+    output:
+        csv=report("results/report/ablations.csv", category="Ablations"),
+        md="results/report/ablations.md",
+        curves=report("results/report/training_curves.png", category="Training", labels={"figure": "dev loss and CER"}),
+    log:
+        "logs/report/ablation_table.log",
+    benchmark:
+        "benchmarks/report/ablation_table.tsv"
+    params:
+        variants=config["training"]["run_variants"],
+        target_dev_cer=config["evaluation"]["target_dev_cer"],
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../envs/tracking.yaml"
+    script:
+        f"{SCRIPTS}/ablation_table.py"

@@ -1,0 +1,248 @@
+"""The evaluation step: test-set WER/CER clean and at fixed SNRs of held-out noise, greedy and LM beam
+search, overall, per dialect and per speaker group; tables, plots and per-utterance hypotheses.
+
+LM weights are tuned on dev only (a subset, to bound decoding time), never on test.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from asrflow.audio import read_audio
+from asrflow.manifest import Utterance, read_manifest, read_records, write_json, write_manifest
+from asrflow.evaluate.decoding import BeamSearchDecoder, greedy_decode, tune_lm_weights, weight_grid
+from asrflow.evaluate.scoring import ErrorStats, score_by_group, score_corpus
+from asrflow.transcribe import Recognizer, emissions, load_model
+
+log = logging.getLogger(__name__)
+CLEAN = "clean"
+
+
+@dataclass
+class EvalSettings:
+    snr_levels: Sequence[float] = (20.0, 10.0, 5.0, 0.0)
+    beam_size: int = 16
+    beam_size_token: int = 10
+    lm_weights: Sequence[float] = (0.5, 1.0, 1.5)
+    word_scores: Sequence[float] = (0.0, 1.0)
+    dev_tune_utterances: int = 60
+    lm_conditions: Sequence[str] = ("clean", "5")  # conditions also decoded with the LM (greedy: all)
+    batch_size: int = 16
+    seed: int = 1234
+    threads: int = 2
+
+
+def speaker_group(u: Utterance) -> str:
+    """Voice family of the speaker: the engine, and whether the whole family was held out of training."""
+    engine = u.extra.get("engine", "unknown")
+    return f"{engine} (held-out voice)" if u.extra.get("held_out_family") else engine
+
+
+def condition_seed(seed: int, utt_id: str, snr: float) -> int:
+    return int(hashlib.sha256(f"{seed}:{utt_id}:{snr}".encode()).hexdigest()[:15], 16)
+
+
+def load_waves(utts: Sequence[Utterance]) -> dict[str, torch.Tensor]:
+    waves = {}
+    for u in utts:
+        x, sr = read_audio(u.audio)
+        if sr != 16000:
+            raise ValueError(f"{u.audio}: {sr} Hz; evaluation expects the resampled 16 kHz corpus")
+        waves[u.id] = torch.from_numpy(x)
+    return waves
+
+
+def mix_condition(waves: dict[str, torch.Tensor], noises: list[torch.Tensor], snr: float, seed: int) -> dict[str, torch.Tensor]:
+    """Each utterance mixed with a held-out noise segment at exactly ``snr`` dB, deterministically per id."""
+    from asrflow.train.augment import NoiseInjector
+
+    out = {}
+    for uid, w in waves.items():
+        mixer = NoiseInjector(noises, snr_db=(snr, snr), p=1.0, seed=condition_seed(seed, uid, snr))
+        out[uid] = mixer(w[None, :], torch.tensor([len(w)])).waves[0]
+    return out
+
+
+def compute_emissions(model: Recognizer, waves: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+    """Per-utterance (T, V) log-probs, batched by length so padding stays small."""
+    ids = sorted(waves, key=lambda i: (len(waves[i]), i))
+    out = {}
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        log_probs, lens = emissions(model, [waves[i] for i in chunk])
+        for row, uid in enumerate(chunk):
+            out[uid] = log_probs[row, : int(lens[row])].clone()
+    return out
+
+
+def greedy(model: Recognizer, em: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {uid: greedy_decode(lp, None, model.vocab)[0] for uid, lp in em.items()}
+
+
+def tune_on_dev(model: Recognizer, dev: Sequence[Utterance], lm_path: Path, s: EvalSettings) -> dict[str, Any]:
+    dev = sorted(dev, key=lambda u: u.id)[: s.dev_tune_utterances]
+    em = compute_emissions(model, load_waves(dev), s.batch_size)
+    base = BeamSearchDecoder(model.vocab, lm_path=str(lm_path), beam_size=s.beam_size, beam_size_token=s.beam_size_token)
+    t0 = time.time()
+    result = tune_lm_weights(base.with_weights, [em[u.id] for u in dev], [u.text for u in dev],
+                             weight_grid(s.lm_weights, s.word_scores))
+    greedy_stats = score_corpus([u.text for u in dev], [greedy_decode(em[u.id], None, model.vocab)[0] for u in dev])
+    return {**result.to_dict(), "dev_utterances": len(dev), "dev_greedy_wer": greedy_stats.wer,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def condition_name(snr: float | None) -> str:
+    return CLEAN if snr is None else f"{snr:g}"
+
+
+def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Path | None,
+             out_dir: Path, s: EvalSettings) -> dict[str, Any]:
+    torch.set_num_threads(max(1, s.threads))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(model_path)
+    utts = read_manifest(manifest)
+    test = sorted((u for u in utts if u.split == "test"), key=lambda u: u.id)
+    dev = [u for u in utts if u.split == "dev"]
+    by_id = {u.id: u for u in test}
+    noises = [torch.from_numpy(read_audio(Path(r["audio"]) if Path(r["audio"]).is_absolute()
+                                          else Path(noise_manifest).resolve().parent / r["audio"])[0])
+              for r in read_records(noise_manifest) if r["split"] == "heldout"]
+    if not noises:
+        raise ValueError(f"{noise_manifest}: no held-out noise environments to evaluate with")
+
+    tuning = tune_on_dev(model, dev, lm_path, s) if lm_path else None
+    decoder = None
+    if tuning:
+        decoder = BeamSearchDecoder(model.vocab, lm_path=str(lm_path), beam_size=s.beam_size,
+                                    beam_size_token=s.beam_size_token, lm_weight=tuning["lm_weight"],
+                                    word_score=tuning["word_score"])
+    clean_waves = load_waves(test)
+    records: list[dict[str, Any]] = []
+    timings = {}
+    for snr in [None, *s.snr_levels]:
+        cond = condition_name(snr)
+        t0 = time.time()
+        waves = clean_waves if snr is None else mix_condition(clean_waves, noises, snr, s.seed)
+        em = compute_emissions(model, waves, s.batch_size)
+        hyps = {"greedy": greedy(model, em)}
+        if decoder is not None and cond in s.lm_conditions:
+            hyps["lm"] = {uid: decoder.decode(lp)[0] for uid, lp in em.items()}
+        timings[cond] = round(time.time() - t0, 1)
+        for dec, h in hyps.items():
+            for uid, hyp in h.items():
+                u = by_id[uid]
+                records.append({"id": uid, "condition": cond, "decoder": dec, "ref": u.text, "hyp": hyp,
+                                "dialect": u.dialect, "speaker": u.speaker, "speaker_group": speaker_group(u)})
+    metrics = summarize(records, tuning, timings)
+    write_outputs(out_dir, records, metrics)
+    return metrics
+
+
+def summarize(records: list[dict], tuning: dict | None, timings: dict) -> dict[str, Any]:
+    def stats(rs: list[dict]) -> dict:
+        return score_corpus([r["ref"] for r in rs], [r["hyp"] for r in rs]).to_dict()
+
+    out: dict[str, Any] = {"by_condition": {}, "per_dialect": {}, "per_speaker_group": {}, "lm_tuning": tuning,
+                           "decode_seconds": timings}
+    for dec in sorted({r["decoder"] for r in records}):
+        mine = [r for r in records if r["decoder"] == dec]
+        out["by_condition"][dec] = {c: s.to_dict() for c, s in score_by_group(mine, "condition").items()}
+        clean = [r for r in mine if r["condition"] == CLEAN]
+        out["per_dialect"][dec] = {d: s.to_dict() for d, s in score_by_group(clean, "dialect").items()}
+        out["per_speaker_group"][dec] = {g: s.to_dict() for g, s in score_by_group(clean, "speaker_group").items()}
+        noisy5 = [r for r in mine if r["condition"] == "5"]
+        if noisy5:
+            out["per_dialect_5db"] = out.get("per_dialect_5db", {})
+            out["per_dialect_5db"][dec] = {d: s.to_dict() for d, s in score_by_group(noisy5, "dialect").items()}
+    g = out["per_dialect"]["greedy"]
+    wers = [v["wer"] for v in g.values()]
+    out["headline"] = {
+        "greedy_cer_clean": out["by_condition"]["greedy"][CLEAN]["cer"],
+        "greedy_wer_clean": out["by_condition"]["greedy"][CLEAN]["wer"],
+        "dialect_wer_spread": (max(wers) - min(wers)) if wers else 0.0,
+    }
+    if "lm" in out["by_condition"]:
+        out["headline"]["lm_wer_clean"] = out["by_condition"]["lm"][CLEAN]["wer"]
+        out["headline"]["lm_cer_clean"] = out["by_condition"]["lm"][CLEAN]["cer"]
+    if "5" in out["by_condition"]["greedy"]:
+        out["headline"]["greedy_wer_5db"] = out["by_condition"]["greedy"]["5"]["wer"]
+    return out
+
+
+def write_outputs(out_dir: Path, records: list[dict], metrics: dict) -> None:
+    write_manifest(out_dir / "hypotheses.jsonl", records, relative_audio=False)
+    write_json(out_dir / "metrics.json", metrics)
+    write_table(out_dir / "by_condition.csv", [
+        {"decoder": dec, "condition": c, **v} for dec, conds in metrics["by_condition"].items() for c, v in conds.items()])
+    write_table(out_dir / "per_dialect.csv", [
+        {"decoder": dec, "dialect": d, **v} for dec, ds in metrics["per_dialect"].items() for d, v in ds.items()])
+    write_table(out_dir / "per_speaker_group.csv", [
+        {"decoder": dec, "speaker_group": g, **v} for dec, gs in metrics["per_speaker_group"].items() for g, v in gs.items()])
+    plot_wer_vs_snr(metrics, out_dir / "wer_vs_snr.png")
+    plot_per_dialect(metrics, out_dir / "per_dialect.png")
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        path.write_text("")
+        return
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _snr_axis(conds: dict) -> list[tuple[float, str]]:
+    pts = [(float(c), c) for c in conds if c != CLEAN]
+    return sorted(pts, reverse=True)
+
+
+def plot_wer_vs_snr(metrics: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for dec, conds in metrics["by_condition"].items():
+        pts = _snr_axis(conds)
+        xs = [x for x, _ in pts] + ([30.0] if CLEAN in conds else [])
+        ys = [conds[c]["wer"] * 100 for _, c in pts] + ([conds[CLEAN]["wer"] * 100] if CLEAN in conds else [])
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", label=dec)
+    ax.set_xlabel("SNR of held-out noise (dB); 30 = clean")
+    ax.set_ylabel("WER (%)")
+    ax.set_title("Test WER vs SNR")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_per_dialect(metrics: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decs = list(metrics["per_dialect"])
+    dialects = sorted(metrics["per_dialect"]["greedy"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(decs))
+    for k, dec in enumerate(decs):
+        vals = [metrics["per_dialect"][dec].get(d, {}).get("wer", math.nan) * 100 for d in dialects]
+        ax.bar([i + k * width for i in range(len(dialects))], vals, width, label=dec)
+    ax.set_xticks([i + width * (len(decs) - 1) / 2 for i in range(len(dialects))], dialects, rotation=30, ha="right")
+    ax.set_ylabel("WER (%) clean")
+    ax.set_title("Test WER per dialect")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

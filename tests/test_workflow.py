@@ -1,0 +1,114 @@
+"""The workflow end to end on the small embedded corpus, tracked by a real `mlflow server`."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from asrflow.manifest import read_manifest, read_records
+
+from .servers import mlflow_server
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir, *args, env=None, check=True):
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args,
+           "--configfile", str(REPO / "config" / "small.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Rule -> count from the 'Job stats' table of a dry run."""
+    table = output.split("Job stats:")[-1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wf")
+    with mlflow_server(root / "mlflow") as uri:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "ASRFLOW_INVOCATION": "test-invocation",
+               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        work = root / "work"
+        work.mkdir()
+        first = snakemake(work, env=env)
+        yield {"work": work, "uri": uri, "env": env, "log": first.stderr}
+
+
+def test_data_prep_outputs_and_report(tracked_run):
+    work = tracked_run["work"]
+    report = json.loads((work / "results/prep/data_report.json").read_text())
+    # the three deliberately broken files are quarantined with their reasons, the rest went on
+    assert report["quarantine"]["count"] == 3
+    assert set(report["quarantine"]["by_kind"]) == {"unreadable", "silent", "clipped"}
+    prepared = read_manifest(work / "results/prep/truncated.jsonl")
+    assert {u.split for u in prepared} == {"train", "dev", "test"}
+    assert all(u.sample_rate == 16000 and u.duration <= 15.0 for u in prepared)
+    corpus = read_manifest(work / "results/corpus/manifest.jsonl")
+    trunc = read_records(work / "results/prep/truncation_report.jsonl")
+    # every corpus utterance is accounted for: prepared, quarantined, or reported by truncation
+    accounted = {r["id"] for r in trunc} | set(report["quarantine"]["ids"])
+    assert accounted == {u.id for u in corpus}
+    assert report["bucketing"]["bucketed"]["padding_ratio"] < report["bucketing"]["random"]["padding_ratio"]
+    assert report["noise"]["environments"]["heldout"] == ["PCAFETER", "TMETRO"]
+
+
+def test_training_produced_a_model_with_horovod(tracked_run):
+    work = tracked_run["work"]
+    summary = json.loads((work / "results/train/full/train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 2
+    assert (work / "results/train/full/model.pt").stat().st_size > 10_000
+    ranks = sorted(p.name for p in (work / "logs/train/full.ranks").iterdir())
+    assert ranks == ["rank0.log", "rank1.log"]
+
+
+def test_second_invocation_does_nothing(tracked_run):
+    proc = snakemake(tracked_run["work"], "-n", env=tracked_run["env"])
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_changing_a_bucketing_parameter_reruns_only_bucketing_and_what_follows(tracked_run):
+    proc = snakemake(tracked_run["work"], "-n", "--config",
+                     "bucketing={num_buckets: 3, frame_budget: 7000, max_batch_size: 16}", env=tracked_run["env"])
+    jobs = planned_jobs(proc.stdout + proc.stderr)
+    assert set(jobs) == {"bucketing", "data_report", "train", "all"}, jobs
+
+
+def test_every_step_is_in_one_mlflow_experiment(tracked_run):
+    client = MlflowClient(tracked_run["uri"])
+    exp = client.get_experiment_by_name("asrflow-small")
+    runs = client.search_runs([exp.experiment_id], "tags.`asrflow.invocation` = 'test-invocation'", max_results=500)
+    steps = {r.data.tags["asrflow.step"] for r in runs}
+    assert {"make_embedded_corpus", "synthesize_noise", "fetch_demand", "resample", "merge_resampled", "truncate",
+            "vocab", "bucketing", "noise_manifest", "data_report", "cmvn", "train"} <= steps
+    assert all(r.info.status == "FINISHED" for r in runs)
+    by_step = {r.data.tags["asrflow.step"]: r for r in runs}
+    trunc = by_step["truncate"]
+    assert trunc.data.params["config.prep.max_duration"] == "15.0"
+    assert trunc.data.metrics["utterances_in"] > 0 and "dropped" in trunc.data.metrics
+    assert [i.dataset.name for i in trunc.inputs.dataset_inputs] == ["truncated"]
+    train = by_step["train"]
+    assert train.data.params["world_size"] == "2"
+    assert {"train_loss", "lr", "grad_norm", "utt_per_s", "audio_s_per_s", "skipped_steps", "dev_loss",
+            "dev_cer"} <= set(train.data.metrics)
+    assert any(m.startswith("system/") for m in train.data.metrics), "system metrics are on for training"
+    artifacts = {f.path for f in client.list_artifacts(train.info.run_id)}
+    assert "checkpoint" in artifacts
+    assert client.search_logged_models([exp.experiment_id]), "the model is logged with mlflow.pytorch"
+
+
+def test_lint_is_clean():
+    proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--lint"], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr

@@ -1,0 +1,20 @@
+"""Snakemake job: WER/CER of one trained model, clean and at fixed SNRs, greedy and with the LM."""
+from pathlib import Path
+
+from asrflow.evaluate.run import EvalSettings, evaluate
+from asrflow.workflow import step_run
+
+smk = snakemake  # noqa: F821
+p = smk.params
+settings = EvalSettings(snr_levels=tuple(p.snr_levels), beam_size=p.beam_size, beam_size_token=p.beam_size_token,
+                        lm_weights=tuple(p.lm_weights), word_scores=tuple(p.word_scores),
+                        dev_tune_utterances=p.dev_tune_utterances, lm_conditions=tuple(str(c) for c in p.lm_conditions),
+                        seed=p.seed, threads=smk.threads)
+out_dir = Path(smk.output.metrics).parent
+with step_run(smk, "evaluate") as run:
+    metrics = evaluate(Path(smk.input.model), Path(smk.input.manifest), Path(smk.input.noise),
+                       Path(smk.input.lm), out_dir, settings)
+    flat = {f"{dec}.{cond}.{k}": v for dec, conds in metrics["by_condition"].items()
+            for cond, vals in conds.items() for k, v in vals.items() if k in ("wer", "cer")}
+    run.metrics({**flat, **{f"headline.{k}": v for k, v in metrics["headline"].items()}})
+    run.artifact(out_dir)
