@@ -7,6 +7,10 @@ SHARDS = list(range(config["prep"]["shards"]))
 SCRIPTS = "../workflow_scripts"  # script: paths are relative to this rules/ folder
 WORKFLOW_SCRIPTS = os.path.join(workflow.basedir, "workflow_scripts")  # for shell: rules
 
+# Seconds-long steps (and the downloads, which need the login node's internet) run where Snakemake runs,
+# not as cluster jobs.
+localrules: synthesize_noise_mirror, fetch_demand, merge_resampled, vocab, data_report, noise_manifest
+
 
 def data_prep_outputs():
     return [
@@ -54,5 +58,20 @@ def variant_params(variant):
     return merged
 
 
+LAUNCH_KEYS = ("np", "hosts")  # per-variant process layout; not training params
+
+
+def variant_train_params(variant):
+    return {k: v for k, v in variant_params(variant).items() if k not in LAUNCH_KEYS}
+
+
 def variant_np(variant):
     return int(variant_params(variant).get("np", config["horovod"]["np"]))
+
+
+def variant_hosts(variant):
+    """The variant's host list; a variant that only changes the process count runs on this machine."""
+    v = variant_params(variant)
+    if "hosts" in v:
+        return v["hosts"]
+    return f"localhost:{v['np']}" if "np" in v else config["horovod"]["hosts"]

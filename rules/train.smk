@@ -38,21 +38,21 @@ rule train:
     benchmark:
         "benchmarks/train/{variant}.tsv"
     params:
-        train_json=lambda wc: shlex.quote(json.dumps(variant_params(wc.variant))),
+        train_json=lambda wc: shlex.quote(json.dumps(variant_train_params(wc.variant))),
         run_config=lambda wc: shlex.quote(json.dumps(config)),
-        np=config["horovod"]["np"],
-        hosts=config["horovod"]["hosts"],
+        np=lambda wc: variant_np(wc.variant),
+        hosts=lambda wc: variant_hosts(wc.variant),
         extra=config["horovod"].get("extra_args", "--gloo"),
         experiment=config["experiment"],
         tracking=config["mlflow"].get("tracking_uri") or "",
         out_dir=lambda wc: f"results/train/{wc.variant}",
         scripts=WORKFLOW_SCRIPTS,
-    threads: config["horovod"]["np"]
+    threads: lambda wc: variant_np(wc.variant)
     resources:
         mem_mb=6000,
         runtime=120,
         nodes=1,
-        tasks=config["horovod"]["np"],
+        tasks=lambda wc: variant_np(wc.variant),
     conda:
         "../envs/training.yaml"
     shell:

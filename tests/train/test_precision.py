@@ -13,8 +13,13 @@ from asrflow.train.precision import (
 )
 
 
-def test_resolve_precision_policy():
+def test_resolve_precision_policy(monkeypatch):
+    from asrflow.train import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", "cpu") == (torch.bfloat16, False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == (None, False), "emulated bf16 is slower than fp32"
     assert resolve_precision("auto", "cuda") == (torch.float16, True)
     assert resolve_precision("fp16", torch.device("cuda:0")) == (torch.float16, True)
     assert resolve_precision("fp32", "cuda") == (None, False)

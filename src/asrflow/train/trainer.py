@@ -26,7 +26,7 @@ from asrflow.train.data import AudioStore, Batch, dialect_class_weights, load_no
 from asrflow.train.distributed import World, average_batchnorm_statistics, init_distributed
 from asrflow.train.features import GlobalCMVN, LogMel
 from asrflow.train.losses import build_ctc_loss
-from asrflow.train.models import build_model, count_parameters
+from asrflow.train.models import batchnorm_modules, build_model, count_parameters
 from asrflow.train.params import TrainParams
 from asrflow.train.precision import autocast_context, make_grad_scaler, resolve_precision
 
@@ -65,7 +65,10 @@ def step_seed(params: TrainParams, epoch: int, batch_index: int, rank: int) -> i
     return (params.seed * 1_000_003 + epoch * 100_003 + batch_index * 101 + rank) % (2**62)
 
 
-def learning_rate(params: TrainParams, step: int, total_steps: int, world_size: int) -> float:
+def learning_rate(params: TrainParams, step: int, total_steps: int, world_size: int,
+                  train_seconds: float = 0.0) -> float:
+    """Linear warmup to lr x workers, then cosine (or noam/constant) decay. With a time budget the
+    cosine runs over whichever ends first, the steps or the budget, so a budgeted run still anneals."""
     peak = params.lr * (world_size if params.lr_scale_with_workers else 1)
     warm = max(1, params.warmup_steps)
     if step < warm:
@@ -74,7 +77,10 @@ def learning_rate(params: TrainParams, step: int, total_steps: int, world_size: 
         return peak
     if params.lr_decay == "noam":
         return peak * math.sqrt(warm / (step + 1))
-    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+    progress = (step - warm) / max(1, total_steps - warm)
+    if params.time_budget_minutes:
+        progress = max(progress, train_seconds / (params.time_budget_minutes * 60))
+    progress = min(1.0, progress)
     return peak * (params.min_lr_ratio + (1 - params.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -128,16 +134,19 @@ def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
     batches = list(ctx.sampler)
     model.train()
     window = {"utts": 0.0, "audio": 0.0, "loss": 0.0, "ctc": 0.0, "smooth": 0.0, "n": 0.0, "t0": time.time(), "grad": 0.0}
+    bns = batchnorm_modules(model)
     for index in range(state.batch_in_epoch, len(batches)):
         t_step = time.time()
         seed = step_seed(p, state.epoch, index, world.rank)
         torch.manual_seed(seed)  # dropout
         ctx.aug.reseed(seed)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(p, state.global_step, ctx.total_steps, world.size)
+            group["lr"] = learning_rate(p, state.global_step, ctx.total_steps, world.size, state.train_seconds)
         batch = ctx.train_store.collate(batches[index])
+        bn_saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
         out = compute_loss(model, ctx.loss_fn, batch, ctx.logmel, ctx.aug, ctx.device, ctx.amp_dtype, ctx.class_weights)
         opt.zero_grad()
+        stepped = False
         if all_ranks_finite(out.loss.detach(), world):
             ctx.scaler.scale(out.loss).backward()
             world.synchronize(opt)
@@ -146,12 +155,19 @@ def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
             if torch.isfinite(grad_norm):
                 with world.skip_synchronize(opt):
                     ctx.scaler.step(opt)
+                stepped = True
             else:
                 state.skipped_steps += 1
             ctx.scaler.update()
         else:
             state.skipped_steps += 1
             grad_norm = torch.tensor(float("nan"))
+        if not stepped:  # a skipped batch leaves no trace: the forward pass also moved BatchNorm statistics (to NaN, if it blew up)
+            with torch.no_grad():
+                for m, (mean, var, count) in zip(bns, bn_saved):
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(count)
         state.batch_in_epoch = index + 1
         state.global_step += 1
         state.train_seconds += time.time() - t_step
