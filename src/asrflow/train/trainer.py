@@ -309,8 +309,12 @@ def resume(ctx: Context) -> TrainState:
     return state
 
 
-def end_of_epoch(ctx: Context, state: TrainState) -> bool:
-    """BN statistics averaged, dev evaluated, checkpoint written; returns True to keep training."""
+def end_of_epoch(ctx: Context, state: TrainState, partial: bool = False) -> bool:
+    """BN statistics averaged, dev evaluated, checkpoint written; returns True to keep training.
+
+    ``partial``: a stop criterion fired mid-epoch. The epoch still gets its dev score and checkpoint,
+    but keeps its position, so raising the limit and rerunning continues exactly where it stopped.
+    """
     if not ctx.params.sync_batchnorm:
         average_batchnorm_statistics(ctx.model, ctx.world)
     dev = evaluate_dev(ctx)
@@ -318,37 +322,43 @@ def end_of_epoch(ctx: Context, state: TrainState) -> bool:
     if improved:
         state.best_dev_loss = dev["dev_loss"]
         state.epochs_without_improvement = 0
-    else:
+    elif not partial:
         state.epochs_without_improvement += 1
-    state.history.append({"epoch": state.epoch, "step": state.global_step, "train_seconds": round(state.train_seconds, 2), **dev})
+    state.history.append({"epoch": state.epoch, "step": state.global_step, "partial": partial,
+                          "train_seconds": round(state.train_seconds, 2), **dev})
     if ctx.world.is_main:
-        log.info("epoch %d done: dev loss %.3f CER %.3f WER %.3f", state.epoch, dev["dev_loss"], dev["dev_cer"], dev["dev_wer"])
+        log.info("epoch %d %s: dev loss %.3f CER %.3f WER %.3f", state.epoch, "stopped" if partial else "done",
+                 dev["dev_loss"], dev["dev_cer"], dev["dev_wer"])
         if ctx.tracker is not None:
             ctx.tracker.metrics({**dev, "train_seconds": state.train_seconds}, step=state.global_step)
-    state.epoch += 1
-    state.batch_in_epoch = 0
+    if not partial:
+        state.epoch += 1
+        state.batch_in_epoch = 0
     save(ctx, state, is_best=improved)
+    if partial:
+        return False
+    return not stop_after_epoch(ctx, state)
+
+
+def stop_after_epoch(ctx: Context, state: TrainState) -> bool:
     p = ctx.params
     if p.early_stopping_patience and state.epochs_without_improvement >= p.early_stopping_patience:
         state.stop_reason = f"no dev-loss improvement for {p.early_stopping_patience} epochs"
-        return False
+        return True
     if state.epoch >= p.epochs:
         state.stop_reason = f"{p.epochs} epochs done"
-        return False
-    return True
+        return True
+    return False
 
 
 def fit(ctx: Context) -> TrainState:
+    """Train until a stop criterion; a rerun with raised limits continues from the last checkpoint."""
     state = resume(ctx)
     ctx.world.broadcast_model_and_optimizer(ctx.model, ctx.optimizer)
-    while not state.finished:
-        if state.epoch >= ctx.params.epochs:
-            state.stop_reason = state.stop_reason or f"{ctx.params.epochs} epochs done"
-            break
-        completed = train_one_epoch(ctx, state)
-        if not completed:
-            if state.batch_in_epoch > 0:
-                end_of_epoch(ctx, state)  # a partial epoch still gets its dev score and checkpoint
+    state.finished, state.stop_reason = False, ""
+    while not (stop_after_epoch(ctx, state) or should_stop(ctx, state)):
+        if not train_one_epoch(ctx, state):
+            end_of_epoch(ctx, state, partial=state.batch_in_epoch < len(ctx.sampler))
             break
         if not end_of_epoch(ctx, state):
             break
