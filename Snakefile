@@ -33,6 +33,7 @@ include: "rules/noise.smk"
 include: "rules/prep.smk"
 include: "rules/train.smk"
 include: "rules/eval.smk"
+include: "rules/benchmark.smk"
 
 
 rule all:
@@ -42,3 +43,4 @@ rule all:
         trained_models(),
         evaluations(),
         "results/report/ablations.md",
+        "results/benchmark/benchmark.md",

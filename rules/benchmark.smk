@@ -1,23 +1,5 @@
 # Training throughput benchmark: precision x Horovod processes, batching, memory, data-prep scaling.
-# Not part of `rule all` by default; `snakemake results/benchmark/benchmark.md` runs it.
-
-
-def benchmark_train_params():
-    """The variant's training recipe, with the benchmark's model when one is configured."""
-    bench = config.get("benchmark", {})
-    params = variant_params(bench.get("variant") or config["training"]["run_variants"][0])
-    if bench.get("model"):
-        params["model"] = {**params["model"], **bench["model"]}
-    params.pop("np", None)
-    return params
-
-
-def benchmark_settings():
-    bench = dict(config.get("benchmark", {}))
-    bench.pop("model", None)
-    bench.pop("variant", None)
-    bench.setdefault("horovod_args", config["horovod"].get("extra_args", "--gloo"))
-    return bench
+# `snakemake results/benchmark/benchmark.md`; settings from the config's `benchmark:` section.
 
 
 rule benchmark:
@@ -37,17 +19,22 @@ rule benchmark:
     benchmark:
         "benchmarks/benchmark/benchmark.tsv"
     params:
-        settings=benchmark_settings(),
-        train=benchmark_train_params(),
+        settings=config.get("benchmark", {}),
+        horovod_args=config["horovod"].get("extra_args", "--gloo"),
+        # the recipe of the benchmarked variant (default: the first trained one); `model` overrides its model
+        train=lambda wc: variant_params(config.get("benchmark", {}).get("variant") or config["training"]["run_variants"][0]),
+        model=config.get("benchmark", {}).get("model") or {},
         seed=config["seed"],
-        prep={k: config["prep"][k] for k in ("sample_rate", "target_rms_dbfs", "peak_ceiling_dbfs",
-                                              "silence_dbfs", "clip_fraction", "min_duration")},
-    # the N-process measurement needs N cores to itself; nothing else should run meanwhile
+        prep={
+            k: config["prep"][k]
+            for k in ("sample_rate", "target_rms_dbfs", "peak_ceiling_dbfs", "silence_dbfs", "clip_fraction", "min_duration")
+        },
+    # the N-process measurement needs N cores to itself: nothing else may run meanwhile
     threads: max(config.get("benchmark", {}).get("processes", [1, 2]) + config.get("benchmark", {}).get("prep_workers", [1, 2]))
     resources:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../envs/evaluation.yaml"
+        "../envs/training.yaml"
     script:
         f"{SCRIPTS}/benchmark.py"
