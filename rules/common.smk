@@ -75,3 +75,21 @@ def variant_hosts(variant):
     if "hosts" in v:
         return v["hosts"]
     return f"localhost:{v['np']}" if "np" in v else config["horovod"]["hosts"]
+
+def horovod_launch(variant):
+    """horovodrun's process arguments and the per-rank program: static, or elastic with host discovery."""
+    np_ = variant_np(variant)
+    elastic = config["horovod"].get("elastic", {})
+    if elastic.get("enabled"):
+        max_np = elastic.get("max_np") or np_
+        launch = (f"-np {np_} --min-np {elastic.get('min_np', 1)} --max-np {max_np} "
+                  f"--host-discovery-script {WORKFLOW_SCRIPTS}/discover_hosts.sh")
+        program = f"python -m asrflow.train.elastic --commit-every {elastic.get('commit_every_steps', 20)}"
+        return launch, program
+    launch = f"$(python {WORKFLOW_SCRIPTS}/horovod_hosts.py {np_} {variant_hosts(variant)})"
+    return launch, f"python {WORKFLOW_SCRIPTS}/train.py"
+
+
+def hosts_file_env():
+    hosts_file = config["horovod"].get("elastic", {}).get("hosts_file")
+    return f"ASRFLOW_HOSTS_FILE={shlex.quote(os.path.abspath(hosts_file))}" if hosts_file else ""

@@ -40,13 +40,13 @@ rule train:
     params:
         train_json=lambda wc: shlex.quote(json.dumps(variant_train_params(wc.variant))),
         run_config=lambda wc: shlex.quote(json.dumps(config)),
-        np=lambda wc: variant_np(wc.variant),
-        hosts=lambda wc: variant_hosts(wc.variant),
+        launch=lambda wc: horovod_launch(wc.variant)[0],
+        program=lambda wc: horovod_launch(wc.variant)[1],
+        hosts_env=hosts_file_env(),
         extra=config["horovod"].get("extra_args", "--gloo"),
         experiment=config["experiment"],
         tracking=config["mlflow"].get("tracking_uri") or "",
         out_dir=lambda wc: f"results/train/{wc.variant}",
-        scripts=WORKFLOW_SCRIPTS,
     threads: lambda wc: variant_np(wc.variant)
     resources:
         mem_mb=6000,
@@ -61,8 +61,8 @@ rule train:
         mkdir -p {params.out_dir}
         printf '%s' {params.train_json} > {params.out_dir}/params.json
         printf '%s' {params.run_config} > {params.out_dir}/run_config.json
-        horovodrun $(python {params.scripts}/horovod_hosts.py {params.np} {params.hosts}) {params.extra} \
-          python {params.scripts}/train.py --manifest {input.manifest} --plan {input.plan} --vocab {input.vocab} \
+        {params.hosts_env} horovodrun {params.launch} {params.extra} \
+          {params.program} --manifest {input.manifest} --plan {input.plan} --vocab {input.vocab} \
           --cmvn {input.cmvn} --noise {input.noise} --out-dir {params.out_dir} --experiment {params.experiment} \
           --tracking-uri={params.tracking} --log-dir logs/train/{wildcards.variant}.ranks \
           --params {params.out_dir}/params.json --run-config {params.out_dir}/run_config.json > {log} 2>&1

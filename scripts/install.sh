@@ -14,7 +14,7 @@ APT_PACKAGES=(
   espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts  # embedded corpus voices
   wordnet-base fortunes-min                            # embedded corpus sentences
   build-essential cmake git                            # the Horovod build
-  slurm-wlm munge                                      # the cluster profile's test cluster
+  slurm-wlm munge slurmdbd mariadb-server-core         # the cluster profile's test cluster (sacct needs slurmdbd)
   openssh-server openssh-client iproute2 procps        # multi-host horovodrun test (network namespaces)
 )
 

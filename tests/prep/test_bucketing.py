@@ -86,3 +86,13 @@ def test_too_few_utterances_for_the_world_is_a_clear_error():
     plan = build_plan({"a": 1.0}, {"a": "x"}, 1, 1000, 8)
     with pytest.raises(ValueError, match="cannot be spread evenly"):
         list(BucketBatchSampler(plan, 0, 2))
+
+
+def test_sortagrad_orders_the_first_epochs_by_length_and_keeps_every_rank_even(plan):
+    sampler = BucketBatchSampler(plan, seed=4, sortagrad_epochs=1)
+    longest = [max(plan.durations[u] for u in b) for b in sampler.global_batches(0)]
+    assert longest == sorted(longest)
+    later = [max(plan.durations[u] for u in b) for b in sampler.global_batches(1)]
+    assert later != sorted(later), "after the SortaGrad epochs batches are shuffled again"
+    ranks = [list(BucketBatchSampler(plan, r, 3, seed=4, sortagrad_epochs=1)) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1

@@ -113,6 +113,7 @@ class BucketPlan:
 class BucketBatchSampler:
     """Per-epoch batches for one rank: same count on every rank, reshuffled deterministically per epoch.
 
+    ``sortagrad_epochs``: epochs whose batches run from shortest to longest (SortaGrad).
     ``oversample_temperature`` > 1 draws the epoch's utterances with dialect-balancing weights (rare
     dialects repeat, frequent ones may be left out of that epoch, the epoch size stays the same); None
     or 1 uses each utterance exactly once. ``bucketed=False`` gives random batches under the same frame
@@ -120,12 +121,13 @@ class BucketBatchSampler:
     """
 
     def __init__(self, plan: BucketPlan, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 oversample_temperature: float | None = None, bucketed: bool = True):
+                 oversample_temperature: float | None = None, bucketed: bool = True, sortagrad_epochs: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         self.plan, self.rank, self.world_size, self.seed = plan, rank, world_size, seed
         self.temperature = oversample_temperature
         self.bucketed = bucketed
+        self.sortagrad_epochs = sortagrad_epochs
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -158,6 +160,10 @@ class BucketBatchSampler:
             batches = pack_by_budget(ids, durs, self.plan.frame_budget, self.plan.max_batch_size)
         batches = make_divisible(batches, self.world_size, durs)
         rng.shuffle(batches)
+        if epoch < self.sortagrad_epochs:
+            # SortaGrad (Deep Speech 2): shortest batches first in the first epochs, which gets CTC out of
+            # its all-blank plateau sooner; the shuffle above still breaks ties randomly.
+            batches.sort(key=lambda b: max(durs[u] for u in b))
         return batches
 
     def __iter__(self) -> Iterator[list[str]]:

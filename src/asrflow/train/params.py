@@ -30,6 +30,7 @@ class TrainParams:
     oversample_temperature: float = 2.0  # 1 or 0: off
     class_weight_power: float = 0.0      # 0: off; 0.5: weights ∝ 1/sqrt(dialect frequency)
     bucketing: bool = True               # False: random batches under the same frame budget
+    sortagrad_epochs: int = 1            # first epochs ordered shortest batch first (Deep Speech 2's SortaGrad)
     sync_batchnorm: bool = False         # True: hvd.SyncBatchNorm; else BN stats averaged each epoch
     checkpoint_every_steps: int = 200
     keep_last: int = 3

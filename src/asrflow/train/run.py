@@ -73,7 +73,7 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     dev = sorted((u for u in utts if u.split == "dev"), key=lambda u: u.id)
     if params.dev_max_utterances:
         dev = dev[: params.dev_max_utterances]
-    dev_store = AudioStore(dev[world.rank::world.size], vocab)
+    dev_store = AudioStore(dev, vocab)  # evaluate_dev gives each rank its share
     cmvn = GlobalCMVN.load(args.cmvn)
     torch.manual_seed(params.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
     model = build_model(params.model, len(vocab), params.n_mels, cmvn=cmvn).to(device)
@@ -84,7 +84,7 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     optimizer = world.wrap_optimizer(optimizer, model)
     sampler = BucketBatchSampler(plan, world.rank, world.size, params.seed,
                                  oversample_temperature=params.oversample_temperature or None,
-                                 bucketed=params.bucketing)
+                                 bucketed=params.bucketing, sortagrad_epochs=params.sortagrad_epochs)
     weights = None
     if params.class_weight_power:
         weights = dialect_class_weights([u.dialect for u in train_store.utts.values()], params.class_weight_power)
