@@ -93,3 +93,9 @@ def horovod_launch(variant):
 def hosts_file_env():
     hosts_file = config["horovod"].get("elastic", {}).get("hosts_file")
     return f"ASRFLOW_HOSTS_FILE={shlex.quote(os.path.abspath(hosts_file))}" if hosts_file else ""
+
+
+def train_run_config(variant):
+    """The part of the config a training run depends on (recorded as its MLflow params)."""
+    return {"experiment": config["experiment"], "seed": config["seed"], "horovod": config["horovod"],
+            "bucketing": config["bucketing"], "training": {"variant": variant, **variant_params(variant)}}

@@ -39,7 +39,8 @@ rule train:
         "benchmarks/train/{variant}.tsv"
     params:
         train_json=lambda wc: shlex.quote(json.dumps(variant_train_params(wc.variant))),
-        run_config=lambda wc: shlex.quote(json.dumps(config)),
+        # what defines this run, for MLflow; not the whole config, whose unrelated keys would retrain
+        run_config=lambda wc: shlex.quote(json.dumps(train_run_config(wc.variant))),
         launch=lambda wc: horovod_launch(wc.variant)[0],
         program=lambda wc: horovod_launch(wc.variant)[1],
         hosts_env=hosts_file_env(),

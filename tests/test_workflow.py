@@ -18,9 +18,15 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 pytestmark = pytest.mark.slow
 
 
-def snakemake(workdir, *args, env=None, check=True):
+def snakemake(workdir, *args, env=None, check=True, override=None):
+    """Run the workflow on the small config, with ``override`` (YAML text) merged on top."""
+    configs = [str(REPO / "config" / "small.yaml")]
+    if override:
+        extra = Path(workdir) / "override.yaml"
+        extra.write_text(override)
+        configs.append(str(extra))
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args,
-           "--configfile", str(REPO / "config" / "small.yaml")]
+           "--configfile", *configs]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -78,10 +84,15 @@ def test_second_invocation_does_nothing(tracked_run):
 
 
 def test_changing_a_bucketing_parameter_reruns_only_bucketing_and_what_follows(tracked_run):
-    proc = snakemake(tracked_run["work"], "-n", "--config",
-                     "bucketing={num_buckets: 3, frame_budget: 7000, max_batch_size: 16}", env=tracked_run["env"])
+    proc = snakemake(tracked_run["work"], "-n", env=tracked_run["env"], override="bucketing: {frame_budget: 7000}\n")
     jobs = planned_jobs(proc.stdout + proc.stderr)
-    assert set(jobs) == {"bucketing", "data_report", "train", "all"}, jobs
+    assert set(jobs) == {"bucketing", "data_report", "train", "evaluate", "ablation_table", "benchmark", "all"}, jobs
+
+
+def test_changing_an_evaluation_parameter_does_not_retrain(tracked_run):
+    proc = snakemake(tracked_run["work"], "-n", env=tracked_run["env"], override="evaluation: {beam_size: 8}\n")
+    jobs = planned_jobs(proc.stdout + proc.stderr)
+    assert "train" not in jobs and "evaluate" in jobs, jobs
 
 
 def test_every_step_is_in_one_mlflow_experiment(tracked_run):
