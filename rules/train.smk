@@ -65,6 +65,6 @@ rule train:
         {params.hosts_env} horovodrun {params.launch} {params.extra} \
           {params.program} --manifest {input.manifest} --plan {input.plan} --vocab {input.vocab} \
           --cmvn {input.cmvn} --noise {input.noise} --out-dir {params.out_dir} --experiment {params.experiment} \
-          --tracking-uri={params.tracking} --log-dir logs/train/{wildcards.variant}.ranks \
+          --tracking-uri={params.tracking} --log-dir logs/train/{wildcards.variant}.ranks --archive-stale-checkpoints \
           --params {params.out_dir}/params.json --run-config {params.out_dir}/run_config.json > {log} 2>&1
         """

@@ -380,3 +380,19 @@ def test_nan_in_the_forward_pass_does_not_poison_batchnorm_statistics(setup, tmp
     ctx.logmel = real_logmel
     dev = evaluate_dev(ctx)
     assert all(torch.isfinite(torch.tensor(v)) for v in dev.values()), dev
+
+
+@pytest.mark.slow
+def test_the_workflow_flag_moves_stale_checkpoints_aside_and_starts_fresh(setup, run_a):
+    """The train rule passes --archive-stale-checkpoints: after a recipe change Snakemake reruns the
+    rule, and the old recipe's checkpoints are kept aside instead of blocking the rerun."""
+    a_out, _ = run_a
+    out = setup.root / "run-archive"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy2(latest_ckpt(a_out), out / "checkpoints")
+    params = setup.params_file("archive", model={**F.TINY_MODEL, "d_model": 48}, epochs=1)
+    result = ok(F.run(F.train_command(setup, params, out, experiment="trainer-archive") + ["--archive-stale-checkpoints"]))
+    assert "training from scratch" in result.stderr
+    stale = [p for p in out.iterdir() if p.name.startswith("checkpoints.stale-")]
+    assert len(stale) == 1 and list(stale[0].glob("ckpt-*.pt")), "the old checkpoints are kept"
+    assert json.loads((out / "train_summary.json").read_text())["epochs"] == 1

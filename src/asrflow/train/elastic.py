@@ -48,7 +48,8 @@ from asrflow.train.models import batchnorm_modules, count_parameters
 from asrflow.train.params import TrainParams
 from asrflow.train.run import build_context, export_model, log_pytorch_model
 from asrflow.train.run import parse_args as parse_run_args
-from asrflow.train.trainer import (Context, TrainState, all_ranks_finite, compute_loss, end_of_epoch, learning_rate,
+from asrflow.train.trainer import (Context, TrainState, all_ranks_finite, archive_if_stale, compute_loss, end_of_epoch,
+                                   learning_rate,
                                    save, should_stop, step_seed, stop_after_epoch)
 
 log = logging.getLogger("asrflow.train.elastic")
@@ -268,6 +269,8 @@ def resume_locally(ctx: Context) -> TrainState:
     if not ctx.world.is_main:
         return TrainState()
     path = latest_checkpoint(ctx.out_dir / "checkpoints")
+    if path is not None and ctx.archive_stale_checkpoints:
+        path = archive_if_stale(ctx.out_dir / "checkpoints", path, ctx.spec)
     if path is None:
         return TrainState()
     payload = load_checkpoint(path, ctx.spec)
@@ -284,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_dir)
     params = TrainParams.from_config(json.loads(args.params.read_text()))
     ctx = build_context(args, params, world)
+    ctx.archive_stale_checkpoints = args.archive_stale_checkpoints
     full_dev_store(args, params, ctx)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     trainer = ElasticTrainer(ctx, own.commit_every)

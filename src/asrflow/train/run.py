@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--run-config", type=Path, default=None,
                     help="JSON file of the resolved workflow config, recorded as MLflow params")
     ap.add_argument("--log-dir", type=Path, default=None, help="per-rank log files go here")
+    ap.add_argument("--archive-stale-checkpoints", action="store_true",
+                    help="move checkpoints of another configuration aside and start fresh (the workflow's "
+                         "rerun after a recipe change) instead of refusing them")
     return ap.parse_args(argv)
 
 
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(world.rank, args.log_dir)
     params = TrainParams.from_config(json.loads(args.params.read_text()))
     ctx = build_context(args, params, world)
+    ctx.archive_stale_checkpoints = args.archive_stale_checkpoints
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log.info("world: %d rank(s) over %s, device %s, precision %s, %d parameters, %d batches/epoch/rank",
              world.size, world.backend, ctx.device, ctx.amp_dtype or "fp32", count_parameters(ctx.model), len(ctx.sampler))

@@ -276,6 +276,7 @@ class Context:
     spec: dict[str, Any]
     tracker: Any = None
     progress: Any = None
+    archive_stale_checkpoints: bool = False
 
 
 def checkpoint_state(ctx: Context, state: TrainState) -> dict[str, Any]:
@@ -290,12 +291,29 @@ def save(ctx: Context, state: TrainState, is_best: bool) -> None:
                         ctx.params.keep_last, is_best=is_best)
 
 
+def archive_if_stale(ckpt_dir: Path, newest: Path, spec: dict[str, Any]) -> Path | None:
+    """The workflow reruns training when its recipe changed: move the old recipe's checkpoints aside
+    (kept, not deleted) and start fresh, instead of refusing. Returns the checkpoint to resume, if any."""
+    found = torch.load(newest, map_location="cpu", weights_only=False).get("fingerprint")
+    if found == fingerprint(spec):
+        return newest
+    stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{found}")
+    if stale.exists():
+        import shutil
+        shutil.rmtree(stale)
+    ckpt_dir.rename(stale)
+    log.warning("checkpoints in %s belong to another configuration: moved to %s, training from scratch", ckpt_dir, stale)
+    return None
+
+
 def resume(ctx: Context) -> TrainState:
     """Rank 0 reads the newest checkpoint (the folder may exist on its host only) and broadcasts it."""
     state = TrainState()
     payload = None
     if ctx.world.is_main:
         path = latest_checkpoint(ctx.out_dir / "checkpoints")
+        if path is not None and ctx.archive_stale_checkpoints:
+            path = archive_if_stale(ctx.out_dir / "checkpoints", path, ctx.spec)
         if path is not None:
             payload = load_checkpoint(path, ctx.spec)
             log.info("resuming from %s (epoch %d, step %d)", path, payload["state"]["epoch"], payload["state"]["global_step"])
