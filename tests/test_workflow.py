@@ -123,3 +123,52 @@ def test_lint_is_clean():
                           cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_transcribe_takes_stereo_44k_audio(tracked_run, tmp_path):
+    """The user-facing entry point: any rate, two channels, through the trained model and the LM."""
+    import numpy as np
+    import soundfile as sf
+
+    from asrflow.audio import read_audio
+    from asrflow.manifest import read_manifest
+
+    work = tracked_run["work"]
+    test_utt = next(u for u in read_manifest(work / "results/prep/truncated.jsonl") if u.split == "test")
+    mono, sr = read_audio(test_utt.audio)
+    t = np.arange(int(len(mono) * 44100 / sr))
+    resampled = np.interp(t * sr / 44100, np.arange(len(mono)), mono)
+    stereo = np.stack([resampled, 0.5 * resampled], axis=1)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, stereo, 44100)
+    cli = str(Path(sys.executable).with_name("asrflow-transcribe"))
+    for extra in ([], ["--lm", str(work / "results/lm/words.arpa")]):
+        proc = subprocess.run([cli, "--model", str(work / "results/train/full/model.pt"), str(path), *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        name, _, text = proc.stdout.strip().partition("\t")
+        assert name == str(path)
+        assert set(text) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
+
+
+def test_evaluation_outputs(tracked_run):
+    work = tracked_run["work"]
+    metrics = json.loads((work / "results/eval/full/metrics.json").read_text())
+    assert set(metrics["by_condition"]["greedy"]) == {"clean", "10", "0"}
+    assert "clean" in metrics["by_condition"]["lm"]
+    assert metrics["lm_tuning"]["dev_utterances"] > 0 and metrics["lm_tuning"]["table"]
+    assert set(metrics["per_speaker_group"]["greedy"]) >= {"espeak"}
+    hyps = read_records(work / "results/eval/full/hypotheses.jsonl")
+    test_ids = {u.id for u in read_manifest(work / "results/prep/truncated.jsonl") if u.split == "test"}
+    assert {h["id"] for h in hyps if h["condition"] == "clean" and h["decoder"] == "greedy"} == test_ids
+    for png in ("wer_vs_snr.png", "per_dialect.png"):
+        assert (work / "results/eval/full" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| full |" in (work / "results/report/ablations.md").read_text()
+    assert "utt/s" in (work / "results/benchmark/benchmark.md").read_text()
+
+
+def test_the_snakemake_report_builds(tracked_run):
+    report = tracked_run["work"] / "report.html"
+    snakemake(tracked_run["work"], "--report", str(report), env=tracked_run["env"])
+    html = report.read_text(errors="replace")
+    assert report.stat().st_size > 50_000 and "wer_vs_snr.png" in html
