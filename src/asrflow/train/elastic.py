@@ -7,7 +7,7 @@ Workers that fail (a node lost, a process killed) are dropped and training goes 
 from the last commit; hosts that the discovery script lists later are added. Built on
 ``hvd.elastic.run`` and ``hvd.elastic.TorchState`` (model, optimizer, epoch, batch and the counters)
 around the pieces of ``asrflow.train.trainer``: each step as ``train_one_epoch`` takes it
-(``compute_loss``, ``learning_rate``, ``all_ranks_finite``), ``end_of_epoch`` (dev scores, checkpoint),
+(``training_step``, ``learning_rate``), ``end_of_epoch`` (dev scores, checkpoint),
 ``should_stop`` / ``stop_after_epoch``; the context is ``asrflow.train.run.build_context``'s.
 
 What changes with the world size, on every reset (``on_reset``):
@@ -48,9 +48,9 @@ from asrflow.train.models import batchnorm_modules, count_parameters
 from asrflow.train.params import TrainParams
 from asrflow.train.run import build_context, export_model, log_pytorch_model
 from asrflow.train.run import parse_args as parse_run_args
-from asrflow.train.trainer import (Context, TrainState, all_ranks_finite, archive_if_stale, compute_loss, end_of_epoch,
+from asrflow.train.trainer import (Context, TrainState, archive_if_stale, end_of_epoch,
                                    learning_rate,
-                                   save, should_stop, step_seed, stop_after_epoch)
+                                   save, should_stop, step_seed, stop_after_epoch, training_step)
 
 log = logging.getLogger("asrflow.train.elastic")
 
@@ -219,30 +219,9 @@ class ElasticTrainer:
         self.set_lr(state.global_step)
         batch = ctx.train_store.collate(batch_ids)
         bns = batchnorm_modules(ctx.model)
-        bn_saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
-        out = compute_loss(ctx.model, ctx.loss_fn, batch, ctx.logmel, ctx.aug, ctx.device, ctx.amp_dtype, ctx.class_weights)
-        opt.zero_grad()
-        stepped = False
-        if all_ranks_finite(out.loss.detach(), world):
-            ctx.scaler.scale(out.loss).backward()
-            world.synchronize(opt)
-            ctx.scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), p.grad_clip)
-            if torch.isfinite(grad_norm):
-                with world.skip_synchronize(opt):
-                    ctx.scaler.step(opt)
-                stepped = True
-            else:
-                state.skipped_steps += 1
-            ctx.scaler.update()
-        else:
+        out, stepped, _ = training_step(ctx, batch, bns)
+        if not stepped:
             state.skipped_steps += 1
-        if not stepped:  # a skipped batch leaves no trace in the BatchNorm statistics either
-            with torch.no_grad():
-                for m, (mean, var, count) in zip(bns, bn_saved):
-                    m.running_mean.copy_(mean)
-                    m.running_var.copy_(var)
-                    m.num_batches_tracked.copy_(count)
         self.last_loss = float(out.loss.detach())
         state.train_seconds += time.time() - t0
 

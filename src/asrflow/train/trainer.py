@@ -127,6 +127,36 @@ def all_ranks_finite(value: torch.Tensor, world: World) -> bool:
     return float(world.sum(bad, name="nonfinite")) == 0.0
 
 
+def training_step(ctx: "Context", batch: Batch, bns: list) -> tuple[Any, bool, torch.Tensor]:
+    """Loss, backward, allreduce, clipped optimizer step; returns (loss output, stepped, grad norm).
+
+    A non-finite loss (on any rank) or gradient norm skips the step everywhere, and the batch leaves no
+    trace: the forward pass also moved BatchNorm statistics (to NaN, if it blew up), so they are restored.
+    """
+    world, opt = ctx.world, ctx.optimizer
+    bn_saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    out = compute_loss(ctx.model, ctx.loss_fn, batch, ctx.logmel, ctx.aug, ctx.device, ctx.amp_dtype, ctx.class_weights)
+    opt.zero_grad()
+    stepped, grad_norm = False, torch.tensor(float("nan"))
+    if all_ranks_finite(out.loss.detach(), world):
+        ctx.scaler.scale(out.loss).backward()
+        world.synchronize(opt)
+        ctx.scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.params.grad_clip)
+        if torch.isfinite(grad_norm):
+            with world.skip_synchronize(opt):
+                ctx.scaler.step(opt)
+            stepped = True
+        ctx.scaler.update()
+    if not stepped:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(bns, bn_saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+    return out, stepped, grad_norm
+
+
 def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
     """Run the rest of ``state.epoch``; returns False when a stop criterion fired mid-epoch."""
     p, world, model, opt = ctx.params, ctx.world, ctx.model, ctx.optimizer
@@ -143,31 +173,9 @@ def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
         for group in opt.param_groups:
             group["lr"] = learning_rate(p, state.global_step, ctx.total_steps, world.size, state.train_seconds)
         batch = ctx.train_store.collate(batches[index])
-        bn_saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
-        out = compute_loss(model, ctx.loss_fn, batch, ctx.logmel, ctx.aug, ctx.device, ctx.amp_dtype, ctx.class_weights)
-        opt.zero_grad()
-        stepped = False
-        if all_ranks_finite(out.loss.detach(), world):
-            ctx.scaler.scale(out.loss).backward()
-            world.synchronize(opt)
-            ctx.scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            if torch.isfinite(grad_norm):
-                with world.skip_synchronize(opt):
-                    ctx.scaler.step(opt)
-                stepped = True
-            else:
-                state.skipped_steps += 1
-            ctx.scaler.update()
-        else:
+        out, stepped, grad_norm = training_step(ctx, batch, bns)
+        if not stepped:
             state.skipped_steps += 1
-            grad_norm = torch.tensor(float("nan"))
-        if not stepped:  # a skipped batch leaves no trace: the forward pass also moved BatchNorm statistics (to NaN, if it blew up)
-            with torch.no_grad():
-                for m, (mean, var, count) in zip(bns, bn_saved):
-                    m.running_mean.copy_(mean)
-                    m.running_var.copy_(var)
-                    m.num_batches_tracked.copy_(count)
         state.batch_in_epoch = index + 1
         state.global_step += 1
         state.train_seconds += time.time() - t_step
