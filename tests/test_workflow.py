@@ -43,7 +43,9 @@ def planned_jobs(output: str) -> dict[str, int]:
 def tracked_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("wf")
     with mlflow_server(root / "mlflow") as uri:
+        # MLflow samples system metrics every 10 s by default: longer than the small DAG's training
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "ASRFLOW_INVOCATION": "test-invocation",
+               "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         work = root / "work"
         work.mkdir()

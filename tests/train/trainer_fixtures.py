@@ -90,7 +90,8 @@ def base_params() -> dict[str, Any]:
             "noise": {"enabled": True, "p": 0.5, "snr_db": [10.0, 20.0]},
             "specaugment": {"enabled": True, "freq_mask_param": 5, "time_mask_param": 10, "n_freq_masks": 1,
                             "n_time_masks": 1, "max_time_ratio": 0.2},
-            "oversample_temperature": 2.0, "threads_per_rank": 1, "seed": 1234}
+            "oversample_temperature": 2.0, "threads_per_rank": 1, "seed": 1234,
+            "sortagrad_epochs": 0}  # shuffled from the first step: the loss-decrease check compares like with like
 
 
 def build_setup(root: Path, n_train: int = 16, n_dev: int = 4, seed: int = 0) -> Setup:
