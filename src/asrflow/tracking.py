@@ -96,8 +96,9 @@ def code_version(repo_dir: str | os.PathLike | None = None) -> dict[str, str]:
     return {"code.commit": commit, "code.dirty": str(dirty)}
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file, read in chunks (DEMAND zips are ~100 MB)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)

@@ -12,7 +12,6 @@ write outside their target.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -32,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from asrflow.audio import audio_info, read_audio, rms_dbfs
 from asrflow.manifest import write_manifest
+from asrflow.tracking import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,7 @@ def zenodo_url(env: str) -> str:
 
 
 def md5_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5", chunk)
 
 
 def parse_md5sums(text: str) -> dict[str, str]:
