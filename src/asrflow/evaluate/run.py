@@ -10,7 +10,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +19,7 @@ import torch
 from asrflow.audio import read_audio
 from asrflow.manifest import Utterance, read_manifest, read_records, write_json, write_manifest
 from asrflow.evaluate.decoding import BeamSearchDecoder, greedy_decode, tune_lm_weights, weight_grid
-from asrflow.evaluate.scoring import ErrorStats, score_by_group, score_corpus
+from asrflow.evaluate.scoring import score_by_group, score_corpus
 from asrflow.transcribe import Recognizer, emissions, load_model
 
 log = logging.getLogger(__name__)

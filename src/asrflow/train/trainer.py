@@ -5,11 +5,8 @@ file and MLflow I/O on rank 0, every other rank logging to its own file.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +14,16 @@ from typing import Any
 
 import torch
 
-from asrflow.manifest import write_json
-from asrflow.prep.bucketing import BucketBatchSampler, BucketPlan
+from asrflow.prep.bucketing import BucketBatchSampler
 from asrflow.text import CharVocab
 from asrflow.train.augment import NoiseInjector, SpecAugment, SpeedPerturb
 from asrflow.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint)
-from asrflow.train.data import AudioStore, Batch, dialect_class_weights, load_noise
-from asrflow.train.distributed import World, average_batchnorm_statistics, init_distributed
-from asrflow.train.features import GlobalCMVN, LogMel
-from asrflow.train.losses import build_ctc_loss
-from asrflow.train.models import batchnorm_modules, build_model, count_parameters
+from asrflow.train.data import AudioStore, Batch, load_noise
+from asrflow.train.distributed import World, average_batchnorm_statistics
+from asrflow.train.features import LogMel
+from asrflow.train.models import batchnorm_modules
 from asrflow.train.params import TrainParams
-from asrflow.train.precision import autocast_context, make_grad_scaler, resolve_precision
+from asrflow.train.precision import autocast_context
 
 log = logging.getLogger("asrflow.train")
 
