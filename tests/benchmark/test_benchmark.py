@@ -217,6 +217,9 @@ def test_cpu_model_is_read_from_cpuinfo():
     line = describe({"cpu_model": "X", "cpu_cores_usable": 2, "cpu_cores_total": 8, "gpu_name": None, "gpu_count": 0,
                      "cuda": None, "torch": "2.11.0", "horovod": "0.28.1", "load_average_1m": 1.5})
     assert line.startswith("X, 2 cores (of 8), no GPU; torch 2.11.0")
+    amx = describe({"cpu_model": "X", "cpu_cores_usable": 2, "cpu_native_bf16": True, "gpu_name": None,
+                    "torch": "2.11.0", "horovod": "0.28.1"})
+    assert amx.startswith("X, 2 cores, native bf16, no GPU")
 
 
 # -- data-prep scaling -----------------------------------------------------------------------------

@@ -40,10 +40,13 @@ def _version(name: str) -> str:
 def device_info() -> dict[str, Any]:
     import torch
 
+    from asrflow.train.precision import cpu_has_native_bf16
+
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
         "cpu_cores_total": os.cpu_count() or 1,
         "cpu_cores_usable": usable_cores(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "horovod": _version("horovod"),
@@ -62,6 +65,8 @@ def describe(info: dict[str, Any]) -> str:
     cores = f"{info['cpu_cores_usable']} cores"
     if info.get("cpu_cores_total") and info["cpu_cores_total"] != info["cpu_cores_usable"]:
         cores += f" (of {info['cpu_cores_total']})"
+    if "cpu_native_bf16" in info:
+        cores += ", native bf16" if info["cpu_native_bf16"] else ", bf16 emulated"
     gpu = f"{info['gpu_count']}× {info['gpu_name']} (CUDA {info['cuda']})" if info.get("gpu_name") else "no GPU"
     load = f", load average {info['load_average_1m']} at start" if info.get("load_average_1m") is not None else ""
     return f"{info['cpu_model']}, {cores}, {gpu}; torch {info['torch']}, horovod {info['horovod']}{load}"
