@@ -43,10 +43,14 @@ def planned_jobs(output: str) -> dict[str, int]:
 def tracked_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("wf")
     with mlflow_server(root / "mlflow") as uri:
-        # MLflow samples system metrics every 10 s by default: longer than the small DAG's training
+        # MLflow samples system metrics every 10 s by default: longer than the small DAG's training.
+        # PATH without the venv, as a user's shell running `.venv/bin/snakemake` (`make run`) has it:
+        # the workflow itself must find horovodrun and the venv's tools.
+        venv_bin = str(Path(sys.executable).parent)
+        path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p and p != venv_bin)
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "ASRFLOW_INVOCATION": "test-invocation",
                "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",
-               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+               "PATH": path}
         work = root / "work"
         work.mkdir()
         first = snakemake(work, env=env)
