@@ -396,3 +396,28 @@ def test_the_workflow_flag_moves_stale_checkpoints_aside_and_starts_fresh(setup,
     stale = [p for p in out.iterdir() if p.name.startswith("checkpoints.stale-")]
     assert len(stale) == 1 and list(stale[0].glob("ckpt-*.pt")), "the old checkpoints are kept"
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 1
+
+
+def test_augmentation_starts_at_augment_after_steps(setup, tmp_path):
+    """Before ``augment_after_steps`` the model sees exactly the clean features; from that step on, the
+    noise and SpecAugment of the recipe (seeded per step, so a resumed run draws the same)."""
+    from asrflow.train.trainer import features, step_seed, training_step
+    from asrflow.train.models import batchnorm_modules
+
+    ctx = _single_process_context(setup, tmp_path, augment_after_steps=3,
+                                  noise={"enabled": True, "p": 1.0, "snr_db": [0.0, 0.0]})
+    seen = []
+    forward = ctx.model.forward
+    ctx.model.forward = lambda feats, lens, normalized=False: (seen.append(feats.detach().clone()),
+                                                               forward(feats, lens, normalized))[1]
+    ids = ctx.sampler.global_batches(0)[0]
+    batch = ctx.train_store.collate(ids)
+    clean, _ = features(batch, ctx.logmel, ctx.model, None, ctx.device)
+    bns = batchnorm_modules(ctx.model)
+    for step in (0, 2, 3, 4):
+        ctx.aug.reseed(step_seed(ctx.params, 0, 0, 0))
+        training_step(ctx, batch, bns, step)
+    assert torch.equal(seen[0], clean) and torch.equal(seen[1], clean), "augmented before augment_after_steps"
+    for feats in seen[2:]:
+        # 0 dB noise on every utterance: far from the clean features on real frames
+        assert (feats - clean).abs().mean() > 0.3, "no augmentation from augment_after_steps on"

@@ -219,7 +219,7 @@ class ElasticTrainer:
         self.set_lr(state.global_step)
         batch = ctx.train_store.collate(batch_ids)
         bns = batchnorm_modules(ctx.model)
-        out, stepped, _ = training_step(ctx, batch, bns)
+        out, stepped, _ = training_step(ctx, batch, bns, state.global_step)
         if not stepped:
             state.skipped_steps += 1
         self.last_loss = float(out.loss.detach())

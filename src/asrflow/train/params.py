@@ -26,6 +26,7 @@ class TrainParams:
                                                                   "time_mask_param": 30, "n_freq_masks": 2,
                                                                   "n_time_masks": 2, "max_time_ratio": 0.2})
     noise: dict[str, Any] = field(default_factory=lambda: {"enabled": True, "p": 0.5, "snr_db": [0.0, 20.0]})
+    augment_after_steps: int = 0         # noise, speed perturbation and SpecAugment start at this step
     speed_perturb: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "factors": [0.9, 1.0, 1.1]})
     oversample_temperature: float = 2.0  # 1 or 0: off
     class_weight_power: float = 0.0      # 0: off; 0.5: weights ∝ 1/sqrt(dialect frequency)

@@ -122,7 +122,13 @@ def all_ranks_finite(value: torch.Tensor, world: World) -> bool:
     return float(world.sum(bad, name="nonfinite")) == 0.0
 
 
-def training_step(ctx: "Context", batch: Batch, bns: list) -> tuple[Any, bool, torch.Tensor]:
+def augmenters_at(ctx: "Context", step: int) -> Augmenters | None:
+    """The augmenters, or None before ``augment_after_steps``: CTC first finds its alignments on
+    clean audio, which shortens the all-blank plateau (README, "Training")."""
+    return ctx.aug if step >= ctx.params.augment_after_steps else None
+
+
+def training_step(ctx: "Context", batch: Batch, bns: list, step: int = 0) -> tuple[Any, bool, torch.Tensor]:
     """Loss, backward, allreduce, clipped optimizer step; returns (loss output, stepped, grad norm).
 
     A non-finite loss (on any rank) or gradient norm skips the step everywhere, and the batch leaves no
@@ -130,7 +136,8 @@ def training_step(ctx: "Context", batch: Batch, bns: list) -> tuple[Any, bool, t
     """
     world, opt = ctx.world, ctx.optimizer
     bn_saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
-    out = compute_loss(ctx.model, ctx.loss_fn, batch, ctx.logmel, ctx.aug, ctx.device, ctx.amp_dtype, ctx.class_weights)
+    out = compute_loss(ctx.model, ctx.loss_fn, batch, ctx.logmel, augmenters_at(ctx, step), ctx.device, ctx.amp_dtype,
+                       ctx.class_weights)
     opt.zero_grad()
     stepped, grad_norm = False, torch.tensor(float("nan"))
     if all_ranks_finite(out.loss.detach(), world):
@@ -168,7 +175,7 @@ def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
         for group in opt.param_groups:
             group["lr"] = learning_rate(p, state.global_step, ctx.total_steps, world.size, state.train_seconds)
         batch = ctx.train_store.collate(batches[index])
-        out, stepped, grad_norm = training_step(ctx, batch, bns)
+        out, stepped, grad_norm = training_step(ctx, batch, bns, state.global_step)
         if not stepped:
             state.skipped_steps += 1
         state.batch_in_epoch = index + 1
