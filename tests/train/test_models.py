@@ -27,7 +27,7 @@ def _feats(lengths, seed=0):
     return x, torch.tensor(lengths)
 
 
-@pytest.mark.parametrize("factor", [4, 6, 8])
+@pytest.mark.parametrize("factor", [2, 3, 4, 6, 8])
 def test_subsampling_lengths_are_exact(factor):
     sub = ConvSubsampling(N_MELS, 16, channels=4, factor=factor)
     for n in [1, 6, 7, 8, 9, 10, 23, 24, 25, 50]:
@@ -36,7 +36,8 @@ def test_subsampling_lengths_are_exact(factor):
         expected = y.size(1) if n >= sub.min_input_frames else 0
         assert lens.item() == expected, (n, lens.item(), y.size(1))
     _, lens = sub(*_feats([100]))
-    assert abs(lens.item() - 100 / factor) < 2
+    # unpadded convolutions lose their receptive field's edge, about min_input_frames / factor outputs
+    assert abs(lens.item() - 100 / factor) < sub.min_input_frames / factor + 1
 
 
 @pytest.mark.parametrize("name", ["conformer", "bilstm"])
