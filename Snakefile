@@ -1,6 +1,5 @@
 # asrflow: robust CTC speech recognition, end to end. `snakemake --cores N` runs the whole DAG.
 import os
-import sys
 import uuid
 from snakemake.utils import min_version, validate
 
@@ -20,9 +19,6 @@ os.environ.setdefault("ASRFLOW_INVOCATION", uuid.uuid4().hex[:12])
 # Jobs import the asrflow package from this checkout whatever their environment (venv, --sdm conda,
 # container), so the code that runs is the code of this commit.
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(workflow.basedir, "src"), os.getenv("PYTHONPATH")])))
-# shell: rules (horovodrun, mlflow) run the tools of the environment Snakemake runs from, also when
-# that venv is not activated (`.venv/bin/snakemake ...`); a --sdm conda env still comes first.
-os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 # --sdm apptainer runs every job in this image (build it from the Dockerfile and push it somewhere
 # the cluster can pull from, then set `container:` in the config).

@@ -1,11 +1,15 @@
 # Shared helpers for the rule files.
 import json
 import shlex
+import sys
 
 NOISE_ENVS = config["noise"]["train_environments"] + config["noise"]["heldout_environments"]
 SHARDS = list(range(config["prep"]["shards"]))
 SCRIPTS = "../workflow_scripts"  # script: paths are relative to this rules/ folder
 WORKFLOW_SCRIPTS = os.path.join(workflow.basedir, "workflow_scripts")  # for shell: rules
+# The environment Snakemake runs from; shell: rules fall back to its tools (horovodrun, python) when
+# the job's own environment lacks them, e.g. `.venv/bin/snakemake` from a shell without the venv.
+SNAKEMAKE_ENV_BIN = shlex.quote(os.path.dirname(sys.executable))
 
 # Seconds-long steps (and the downloads, which need the login node's internet) run where Snakemake runs,
 # not as cluster jobs.

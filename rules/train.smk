@@ -48,6 +48,7 @@ rule train:
         experiment=config["experiment"],
         tracking=config["mlflow"].get("tracking_uri") or "",
         out_dir=lambda wc: f"results/train/{wc.variant}",
+        env_bin=SNAKEMAKE_ENV_BIN,
     threads: lambda wc: variant_np(wc.variant)
     resources:
         mem_mb=6000,
@@ -59,6 +60,7 @@ rule train:
     shell:
         # JSON goes through files: horovodrun re-joins the command line and would mangle quoting.
         """
+        command -v horovodrun >/dev/null || export PATH={params.env_bin}:"$PATH"
         mkdir -p {params.out_dir}
         printf '%s' {params.train_json} > {params.out_dir}/params.json
         printf '%s' {params.run_config} > {params.out_dir}/run_config.json
