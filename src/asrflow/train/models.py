@@ -22,9 +22,10 @@ from torch.utils.checkpoint import checkpoint
 from asrflow.train.features import GlobalCMVN, lengths_to_mask
 
 # (kernel, stride) of each Conv2d, applied identically to time and frequency.
-# Characters need the finer rates: English speech runs ~15 characters/s (the default corpus: 14.6 mean,
-# 18.2 at the 90th percentile), which at x4 (25 frames/s) fills 60-75% of the frames with labels and
-# leaves CTC few alignments to choose from (Deep Speech 2 found strides above 2 hurt English characters).
+# x2 and x3 are for fast speech with character units: English runs ~15 characters/s (the default corpus:
+# 14.6 mean, 18.2 at the 90th percentile), which at x4 (25 frames/s) fills 60-75% of the frames with
+# labels (Deep Speech 2 found strides above 2 hurt English characters). On 2 CPU cores x2 made steps
+# 1.8x slower and lost to x4 in a 5-minute budget (README), so x4 stays the default.
 SUBSAMPLING_LAYERS: dict[int, list[tuple[int, int]]] = {
     2: [(3, 1), (3, 2)],
     3: [(3, 1), (5, 3)],
