@@ -5,7 +5,7 @@ from asrflow.workflow import step_run
 smk = snakemake  # noqa: F821
 with step_run(smk, "ablation_table") as run:
     rows = ablation_rows(smk.params.variants, smk.input.metrics, smk.input.summaries, smk.params.target_dev_cer)
-    write_ablation_table(rows, smk.output.csv, smk.output.md)
+    write_ablation_table(rows, smk.output.csv, smk.output.md, smk.params.target_dev_cer)
     plot_training_curves(smk.params.variants, smk.input.summaries, smk.output.curves)
     for row in rows:
         run.metrics({f"{row['variant']}.{k}": v for k, v in row.items() if isinstance(v, (int, float))})

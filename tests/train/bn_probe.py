@@ -9,7 +9,9 @@ Builds the real training context (``asrflow.train.run.build_context``) on a Horo
    model (what the ranks would disagree on without the gradient allreduce);
 3. runs one real training step (``train_one_epoch`` with ``max_steps=1``) and records the parameters;
 4. runs the rest of the epoch, records the BatchNorm running statistics, calls
-   ``average_batchnorm_statistics`` and records them again.
+   ``average_batchnorm_statistics`` and records them again;
+5. runs a few steps with a time budget spent on one rank's clock only, first rank 1's, then rank 0's,
+   and records how many steps each rank took.
 
 Each rank writes ``DUMP_DIR/rank{r}.pt``; the test compares the ranks' files.
 
@@ -86,6 +88,17 @@ def main(argv: list[str]) -> int:
     record["bn_layers_averaged"] = average_batchnorm_statistics(ctx.model, world)
     record["bn_after"] = bn_buffers(ctx.model)
     record["end_of_epoch"] = parameters(ctx.model)
+
+    # The time budget is rank 0's clock, agreed within the step: a rank whose own clock says "spent"
+    # must not stop alone (allreduce would hang), and rank 0's "spent" stops every rank on the same step.
+    record["budget_steps"] = {}
+    for who_is_out_of_time in (1, 0):
+        state = TrainState(epoch=1, global_step=state.global_step, train_seconds=1.0)
+        ctx.params.max_steps = state.global_step + 3
+        ctx.params.time_budget_minutes = 1e-6 if world.rank == who_is_out_of_time else 0.0
+        start = state.global_step
+        train_one_epoch(ctx, state)
+        record["budget_steps"][who_is_out_of_time] = (state.global_step - start, state.stop_reason)
 
     dump_dir.mkdir(parents=True, exist_ok=True)
     torch.save(record, dump_dir / f"rank{world.rank}.pt")

@@ -273,6 +273,18 @@ def test_gradients_and_batchnorm_statistics_are_averaged_across_ranks(horovod_la
         assert torch.allclose(r0["bn_after"][k], (r0["bn_before"][k] + r1["bn_before"][k]) / 2, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
+def test_ranks_stop_together_on_rank_0s_time_budget(horovod_launch):
+    dump = horovod_launch["dump"]
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", map_location="cpu", weights_only=False) for r in (0, 1))
+    # only rank 1 out of time: nobody stops early, both run to max_steps (3)
+    assert r0["budget_steps"][1][0] == r1["budget_steps"][1][0] == 3
+    assert "max_steps" in r0["budget_steps"][1][1] and "max_steps" in r1["budget_steps"][1][1]
+    # rank 0 out of time: both stop after the first step, on rank 0's word
+    assert r0["budget_steps"][0][0] == r1["budget_steps"][0][0] == 1
+    assert "time budget" in r0["budget_steps"][0][1] and "time budget" in r1["budget_steps"][0][1]
+
+
 # -- non-finite losses (in process, one rank) ------------------------------------------------------
 
 def _single_process_context(setup: F.Setup, tmp_path: Path, **overrides):
@@ -301,6 +313,20 @@ def _run_steps(ctx, state, n: int) -> None:
     ctx.params.max_steps = state.global_step + n
     train_one_epoch(ctx, state)
     assert state.global_step == ctx.params.max_steps
+
+
+def test_time_budget_and_max_steps_stop_a_single_process(setup, tmp_path):
+    from asrflow.train.trainer import TrainState, train_one_epoch
+
+    ctx = _single_process_context(setup, tmp_path)
+    ctx.params.time_budget_minutes = 1e-6
+    state = TrainState(train_seconds=1.0)
+    assert not train_one_epoch(ctx, state)
+    assert state.global_step == 1 and state.stop_reason.startswith("time budget")
+    ctx.params.time_budget_minutes, ctx.params.max_steps = 0.0, 3
+    state = TrainState()
+    assert not train_one_epoch(ctx, state)
+    assert state.global_step == 3 and state.stop_reason == "max_steps 3 reached"
 
 
 def test_all_ranks_finite_on_one_rank():

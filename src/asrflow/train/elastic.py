@@ -50,7 +50,8 @@ from asrflow.train.run import build_context, export_model, log_pytorch_model
 from asrflow.train.run import parse_args as parse_run_args
 from asrflow.train.trainer import (Context, TrainState, archive_if_stale, end_of_epoch,
                                    learning_rate,
-                                   save, should_stop, step_seed, stop_after_epoch, training_step)
+                                   save, should_stop, step_seed, stop_after_epoch, time_budget_spent,
+                                   training_step)
 
 log = logging.getLogger("asrflow.train.elastic")
 
@@ -196,21 +197,21 @@ class ElasticTrainer:
         ctx, p = self.ctx, self.ctx.params
         ctx.model.train()
         for index in range(state.batch, len(batches)):
-            self.step(batches[index], index)
+            budget_spent = self.step(batches[index], index)
             state.batch = index + 1
             state.global_step += 1
             if state.global_step % p.log_every == 0:
                 self.log_step()
             ts = self.train_state()
-            if should_stop(ctx, ts):
+            if should_stop(ctx, ts, budget_spent):
                 state.stop_reason = ts.stop_reason
                 return False
             if state.global_step % self.commit_every == 0:
                 state.commit()
         return True
 
-    def step(self, batch_ids, index: int) -> None:
-        """One optimizer step, as trainer.train_one_epoch takes it."""
+    def step(self, batch_ids, index: int) -> bool:
+        """One optimizer step, as trainer.train_one_epoch takes it; returns the agreed budget vote."""
         ctx, p, world, state, opt = self.ctx, self.ctx.params, self.ctx.world, self.state, self.ctx.optimizer
         t0 = time.time()
         seed = step_seed(p, state.epoch, index, world.rank)
@@ -219,11 +220,13 @@ class ElasticTrainer:
         self.set_lr(state.global_step)
         batch = ctx.train_store.collate(batch_ids)
         bns = batchnorm_modules(ctx.model)
-        out, stepped, _ = training_step(ctx, batch, bns, state.global_step)
+        out, stepped, _, budget_spent = training_step(ctx, batch, bns, state.global_step,
+                                                      stop_vote=time_budget_spent(ctx, self.train_state()))
         if not stepped:
             state.skipped_steps += 1
         self.last_loss = float(out.loss.detach())
         state.train_seconds += time.time() - t0
+        return budget_spent
 
     def log_step(self) -> None:
         ctx, state = self.ctx, self.state

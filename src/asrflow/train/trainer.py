@@ -118,8 +118,19 @@ def compute_loss(model, loss_fn, batch: Batch, logmel, aug, device, amp_dtype, w
 
 def all_ranks_finite(value: torch.Tensor, world: World) -> bool:
     """A non-finite loss on any rank must make every rank skip, or allreduce would wait forever."""
-    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0])
-    return float(world.sum(bad, name="nonfinite")) == 0.0
+    return agree_on_step(value, world)[0]
+
+
+def agree_on_step(value: torch.Tensor, world: World, stop_vote: bool = False) -> tuple[bool, bool]:
+    """(every rank's loss is finite, rank 0 voted to stop), in one allreduce.
+
+    Both are decisions all ranks must take together; carrying rank 0's time-budget vote in the
+    finite check saves the step a collective round trip of its own (a broadcast_object is two).
+    """
+    flags = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0,
+                          1.0 if (stop_vote and world.is_main) else 0.0])
+    total = world.sum(flags, name="step_flags")
+    return float(total[0]) == 0.0, float(total[1]) > 0.0
 
 
 def augmenters_at(ctx: "Context", step: int) -> Augmenters | None:
@@ -128,8 +139,10 @@ def augmenters_at(ctx: "Context", step: int) -> Augmenters | None:
     return ctx.aug if step >= ctx.params.augment_after_steps else None
 
 
-def training_step(ctx: "Context", batch: Batch, bns: list, step: int = 0) -> tuple[Any, bool, torch.Tensor]:
-    """Loss, backward, allreduce, clipped optimizer step; returns (loss output, stepped, grad norm).
+def training_step(ctx: "Context", batch: Batch, bns: list, step: int = 0,
+                  stop_vote: bool = False) -> tuple[Any, bool, torch.Tensor, bool]:
+    """Loss, backward, allreduce, clipped optimizer step; returns (loss output, stepped, grad norm,
+    stop): ``stop`` is rank 0's ``stop_vote``, agreed by every rank (see ``agree_on_step``).
 
     A non-finite loss (on any rank) or gradient norm skips the step everywhere, and the batch leaves no
     trace: the forward pass also moved BatchNorm statistics (to NaN, if it blew up), so they are restored.
@@ -140,7 +153,8 @@ def training_step(ctx: "Context", batch: Batch, bns: list, step: int = 0) -> tup
                        ctx.class_weights)
     opt.zero_grad()
     stepped, grad_norm = False, torch.tensor(float("nan"))
-    if all_ranks_finite(out.loss.detach(), world):
+    finite, stop = agree_on_step(out.loss.detach(), world, stop_vote)
+    if finite:
         ctx.scaler.scale(out.loss).backward()
         world.synchronize(opt)
         ctx.scaler.unscale_(opt)
@@ -156,7 +170,7 @@ def training_step(ctx: "Context", batch: Batch, bns: list, step: int = 0) -> tup
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
-    return out, stepped, grad_norm
+    return out, stepped, grad_norm, stop
 
 
 def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
@@ -175,7 +189,8 @@ def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
         for group in opt.param_groups:
             group["lr"] = learning_rate(p, state.global_step, ctx.total_steps, world.size, state.train_seconds)
         batch = ctx.train_store.collate(batches[index])
-        out, stepped, grad_norm = training_step(ctx, batch, bns, state.global_step)
+        out, stepped, grad_norm, budget_spent = training_step(ctx, batch, bns, state.global_step,
+                                                              stop_vote=time_budget_spent(ctx, state))
         if not stepped:
             state.skipped_steps += 1
         state.batch_in_epoch = index + 1
@@ -193,7 +208,7 @@ def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
             window = {k: 0.0 for k in window} | {"t0": time.time()}
         if world.is_main and p.checkpoint_every_steps and state.global_step % p.checkpoint_every_steps == 0:
             save(ctx, state, is_best=False)
-        if should_stop(ctx, state):
+        if should_stop(ctx, state, budget_spent):
             return False
     return True
 
@@ -217,18 +232,33 @@ def log_window(ctx: "Context", state: TrainState, w: dict[str, float]) -> None:
             ctx.progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", ups=f"{metrics['utt_per_s']:.1f}")
 
 
-def should_stop(ctx: "Context", state: TrainState) -> bool:
-    """Rank 0 decides (its clock and counters), every rank follows: they must stop on the same step."""
+def time_budget_spent(ctx: "Context", state: TrainState) -> bool:
+    """This rank's clock against the budget (only rank 0's counts: ranks must stop on the same step)."""
+    p = ctx.params
+    return bool(p.time_budget_minutes) and state.train_seconds >= p.time_budget_minutes * 60
+
+
+def should_stop(ctx: "Context", state: TrainState, budget_spent: bool | None = None) -> bool:
+    """Stop now? Every rank must answer the same on the same step.
+
+    The step count is the same on every rank; the clock is rank 0's. ``budget_spent`` is rank 0's
+    vote as the last training step agreed it (so a budgeted run stops one step after its budget ran
+    out, with no extra collective); without it (between epochs) rank 0's answer is broadcast.
+    """
     p = ctx.params
     reason = ""
     if p.max_steps and state.global_step >= p.max_steps:
         reason = f"max_steps {p.max_steps} reached"
-    elif p.time_budget_minutes and state.train_seconds >= p.time_budget_minutes * 60:
-        reason = f"time budget {p.time_budget_minutes} min reached"
-    flag = ctx.world.broadcast_object(reason, name=f"stop.{state.global_step}") if ctx.world.size > 1 else reason
-    if flag:
-        state.stop_reason = flag
-    return bool(flag)
+    else:
+        if budget_spent is None:
+            budget_spent = time_budget_spent(ctx, state)
+            if ctx.world.size > 1:
+                budget_spent = bool(ctx.world.broadcast_object(budget_spent, name=f"stop.{state.global_step}"))
+        if budget_spent:
+            reason = f"time budget {p.time_budget_minutes} min reached"
+    if reason:
+        state.stop_reason = reason
+    return bool(reason)
 
 
 @torch.no_grad()
