@@ -85,6 +85,9 @@ rule vocab:
         "logs/prep/vocab.log",
     benchmark:
         "benchmarks/prep/vocab.tsv"
+    params:
+        units=config["prep"].get("units", "char"),
+        bpe_vocab_size=config["prep"].get("bpe_vocab_size", 256),
     threads: 1
     resources:
         mem_mb=500,

@@ -21,7 +21,7 @@ PY
 export PATH=$PWD/.venv/bin:$PATH PYTHONPATH=$PWD/src
 start=$(date +%s)
 horovodrun -np $NP -H localhost:$NP --gloo python -m asrflow.train.run --manifest results/prep/truncated.jsonl \
-  --plan ${PLAN:-results/prep/buckets.json} --vocab results/prep/vocab.json --cmvn results/prep/cmvn.json --noise results/noise/manifest.jsonl \
+  --plan ${PLAN:-results/prep/buckets.json} --vocab ${VOCAB:-results/prep/vocab.json} --cmvn results/prep/cmvn.json --noise results/noise/manifest.jsonl \
   --out-dir $OUT --experiment probes --tracking-uri=sqlite:///$OUT/mlflow.db --log-dir $OUT/ranks \
   --params $OUT/params.json > $OUT/log.txt 2>&1 || echo FAILED
 echo "$NAME wall $(( $(date +%s) - start )) s"

@@ -12,7 +12,7 @@ import torch
 import torchaudio
 
 from asrflow.audio import read_audio
-from asrflow.text import CharVocab
+from asrflow.text import CharVocab, vocab_from_dict
 from asrflow.train.features import LogMel
 from asrflow.train.models import AcousticModel, build_model
 
@@ -31,7 +31,7 @@ class Recognizer(torch.nn.Module):
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Recognizer:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    vocab = CharVocab(ckpt["vocab"])
+    vocab = vocab_from_dict(ckpt["vocab"])
     acoustic = build_model(ckpt["model_config"], len(vocab), ckpt["n_mels"])
     if any(k.startswith("cmvn.") for k in ckpt["model"]):
         from asrflow.train.features import GlobalCMVN

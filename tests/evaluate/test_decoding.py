@@ -120,3 +120,30 @@ def test_tune_lm_weights_picks_best_dev_wer(lm_path):
     assert tie.best == (2.0, 0.0)
     with pytest.raises(ValueError):
         tune_lm_weights(base.with_weights, dev, refs[:1], [(1.0, 0.0)])
+
+
+def test_lm_scores_words_made_of_bpe_pieces(lm_path):
+    """With BPE units the word boundary is a word-initial piece ('▁CA'), not '|': the LM must still
+    see whole words. An acoustic tie between the pieces of CAX and CAT goes to the LM's word."""
+    from asrflow.text import BpeVocab
+
+    bpe = BpeVocab.build(LM_TEXT * 4 + ["THE CAX", "CAX"], vocab_size=30)
+    pieces = lambda text: [bpe.symbols[i] for i in bpe.encode(text)]  # noqa: E731
+    assert pieces("THE")[0].startswith("\u2581")
+
+    def bpe_emissions(frames):
+        logits = torch.full((len(frames), len(bpe)), -12.0)
+        for t, frame in enumerate(frames):
+            for symbol, p in (frame if isinstance(frame, dict) else {frame: 1.0}).items():
+                logits[t, bpe.index[symbol]] = float(np.log(p))
+        return torch.log_softmax(logits, dim=-1)
+
+    frames = [BLANK]
+    for p in pieces("THE CA"):
+        frames += [p, BLANK]
+    assert {"X", "T"} <= set(bpe.index), "single characters are pieces too"
+    frames += [{"X": 0.5, "T": 0.45}, BLANK]  # CAX or CAT: a non-word by a hair
+    tied = bpe_emissions(frames)
+    assert greedy_decode(tied, vocab=bpe) == ["THE CAX"]
+    assert BeamSearchDecoder(bpe, beam_size=16).decode(tied) == ["THE CAX"]
+    assert BeamSearchDecoder(bpe, lm_path, beam_size=16, lm_weight=2.0).decode(tied) == ["THE CAT"]

@@ -447,3 +447,39 @@ def test_augmentation_starts_at_augment_after_steps(setup, tmp_path):
     for feats in seen[2:]:
         # 0 dB noise on every utterance: far from the clean features on real frames
         assert (feats - clean).abs().mean() > 0.3, "no augmentation from augment_after_steps on"
+
+
+def test_bpe_units_train_export_and_transcribe(setup, tmp_path):
+    """The same trainer on BPE pieces: targets are pieces, the exported model carries the
+    sentencepiece model, and transcription spells words back from pieces."""
+    from asrflow.text import BpeVocab
+    from asrflow.train.distributed import World
+    from asrflow.train.params import TrainParams
+    from asrflow.train.run import build_context, export_model, parse_args
+    from asrflow.train.trainer import TrainState
+    from asrflow.transcribe import load_model, transcribe
+
+    texts = [u.text for u in setup.utts if u.split == "train"]
+    bpe = BpeVocab.build(texts, vocab_size=16)
+    vocab_path = tmp_path / "bpe.json"
+    bpe.save(vocab_path)
+    params_path = setup.params_file("bpe")
+    argv = setup.args(params_path, tmp_path / "out")
+    argv[argv.index("--vocab") + 1] = str(vocab_path)
+    threads = torch.get_num_threads()
+    ctx = build_context(parse_args(argv), TrainParams.from_config(json.loads(params_path.read_text())), World())
+    torch.set_num_threads(threads)
+    assert ctx.model.head.out_features == len(bpe)
+    first = ctx.train_store.utts[ctx.train_store.ids()[0]]
+    batch = ctx.train_store.collate([first.id])
+    assert int(batch.target_lens[0]) == len(bpe.encode(first.text)) < len(first.text)
+    assert bpe.decode(batch.targets[0].tolist()) == first.text
+    state = TrainState()
+    _run_steps(ctx, state, 4)
+    assert state.skipped_steps == 0
+    (tmp_path / "out").mkdir(exist_ok=True)
+    export_model(ctx, state, tmp_path / "out" / "model.pt")
+    model = load_model(tmp_path / "out" / "model.pt")
+    assert isinstance(model.vocab, BpeVocab) and model.vocab.identity() == bpe.identity()
+    (hyp,) = transcribe(model, [first.audio])
+    assert isinstance(hyp, str) and set(hyp) <= set("ABCDE '")

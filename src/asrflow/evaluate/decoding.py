@@ -1,15 +1,15 @@
 """CTC decoding: greedy, and beam search with an optional word n-gram LM.
 
 The beam search is flashlight's lexicon-free CTC decoder (via ``torchaudio.models.decoder.ctc_decoder``)
-over the acoustic model's character vocabulary, so any spelling can come out, including words the LM
-has never seen.
+over the acoustic model's units (characters, or BPE pieces), so any spelling can come out, including
+words the LM has never seen.
 
 Why a custom LM class rather than handing the KenLM path to ``ctc_decoder``: in lexicon-free mode
 flashlight queries the LM once per emitted *token* (character), mapping each token symbol to an LM
 word. A word n-gram LM would therefore see only "words" like ``C``, ``A``, ``T``, all ``<unk>``, and
 would do nothing useful. :class:`KenLMWordLM` bridges the two: it buffers characters into the
 current partial word and scores a whole word with KenLM when the word separator ``|`` (flashlight's
-silence token) is emitted, or when the utterance ends. ``word_score`` and ``unk_score`` are applied
+silence token) or a word-initial BPE piece (``▁THE``) is emitted, or when the utterance ends. ``word_score`` and ``unk_score`` are applied
 there too, because flashlight's lexicon-free options do not have them.
 
 Scores follow flashlight/torchaudio conventions: acoustic scores are natural-log emissions, LM scores
@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from asrflow.text import BLANK, SPACE, UNK, CharVocab
+from asrflow.text import BLANK, SPACE, UNK, WORD_START, CharVocab
 
 # --------------------------------------------------------------------------- greedy
 
@@ -103,6 +103,8 @@ def _kenlm_word_lm_class():
             self.sil = self.tokens.index(SPACE)
             # Tokens that spell nothing: blank never reaches score(); <unk> is dropped from output.
             self.silent = {self.tokens.index(t) for t in (BLANK, UNK) if t in self.tokens}
+            # BPE pieces that begin a word ('▁the'): they end the word in progress, like '|' does.
+            self.word_starts = {i for i, t in enumerate(self.tokens) if t.startswith(WORD_START)}
             self.lm_weight = lm_weight
             self.word_score = word_score
             self.unk_score = unk_score
@@ -135,10 +137,10 @@ def _kenlm_word_lm_class():
                 return child, known[0]
             _, ken, partial = self._states[state]
             score = 0.0
-            if token == self.sil:
+            if token == self.sil or token in self.word_starts:
                 if partial:  # a word just ended; repeated or leading separators cost nothing
                     ken, score = self._score_word(ken, partial)
-                partial = ""
+                partial = self.tokens[token][len(WORD_START):] if token in self.word_starts else ""
             elif token not in self.silent:
                 partial += self.tokens[token]
             self._states[child] = (score, ken, partial)

@@ -92,7 +92,7 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     if params.class_weight_power:
         weights = dialect_class_weights([u.dialect for u in train_store.utts.values()], params.class_weight_power)
     loss_cfg = dict(params.loss)
-    spec = params.fingerprint_spec(vocab.symbols, hashlib.sha256(plan_text.encode()).hexdigest()[:16])
+    spec = params.fingerprint_spec(vocab.identity(), hashlib.sha256(plan_text.encode()).hexdigest()[:16])
     return Context(
         params=params, world=world, device=device, vocab=vocab, model=model, optimizer=optimizer,
         scaler=make_grad_scaler(use_scaler, device), amp_dtype=amp_dtype,
@@ -109,7 +109,7 @@ def export_model(ctx: Context, state, path: Path) -> None:
     weights = torch.load(best, map_location="cpu", weights_only=False)["model"] if best.exists() else ctx.model.state_dict()
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"model": weights, "model_config": ctx.params.model, "n_mels": ctx.params.n_mels,
-                "vocab": ctx.vocab.symbols, "sample_rate": 16000, "params": ctx.params.to_dict(),
+                "vocab": ctx.vocab.to_dict(), "sample_rate": 16000, "params": ctx.params.to_dict(),
                 "history": state.history}, tmp)
     os.replace(tmp, path)
 

@@ -322,7 +322,7 @@ class Context:
 def checkpoint_state(ctx: Context, state: TrainState) -> dict[str, Any]:
     return {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
             "scaler": ctx.scaler.state_dict(), "state": state.__dict__.copy(), "spec": ctx.spec,
-            "fingerprint": fingerprint(ctx.spec), "params": ctx.params.to_dict(), "vocab": ctx.vocab.symbols}
+            "fingerprint": fingerprint(ctx.spec), "params": ctx.params.to_dict(), "vocab": ctx.vocab.to_dict()}
 
 
 def save(ctx: Context, state: TrainState, is_best: bool) -> None:
