@@ -103,6 +103,14 @@ class CharVocab:
 WORD_START = "\u2581"  # sentencepiece's "▁": the piece begins a word
 
 
+def _sentencepiece(model_proto: bytes):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(model_proto)
+    return sp
+
+
 class BpeVocab(CharVocab):
     """Byte-pair-encoding units (sentencepiece), trained on the training transcripts.
 
@@ -114,11 +122,8 @@ class BpeVocab(CharVocab):
 
     def __init__(self, symbols: list[str], model_proto: bytes):
         super().__init__(symbols)
-        import sentencepiece as spm
-
         self.model_proto = model_proto
-        self._sp = spm.SentencePieceProcessor()
-        self._sp.LoadFromSerializedProto(model_proto)
+        self._sp = _sentencepiece(model_proto)
 
     @property
     def units(self) -> str:
@@ -141,8 +146,7 @@ class BpeVocab(CharVocab):
             hard_vocab_limit=False, shuffle_input_sentence=False, input_sentence_size=0,
             minloglevel=2)
         proto = buf.getvalue()
-        sp = spm.SentencePieceProcessor()
-        sp.LoadFromSerializedProto(proto)
+        sp = _sentencepiece(proto)
         pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not sp.is_unknown(i)]
         return cls([BLANK, SPACE] + pieces + [UNK], proto)
 

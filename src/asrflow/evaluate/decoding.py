@@ -9,8 +9,9 @@ flashlight queries the LM once per emitted *token* (character), mapping each tok
 word. A word n-gram LM would therefore see only "words" like ``C``, ``A``, ``T``, all ``<unk>``, and
 would do nothing useful. :class:`KenLMWordLM` bridges the two: it buffers characters into the
 current partial word and scores a whole word with KenLM when the word separator ``|`` (flashlight's
-silence token) or a word-initial BPE piece (``▁THE``) is emitted, or when the utterance ends. ``word_score`` and ``unk_score`` are applied
-there too, because flashlight's lexicon-free options do not have them.
+silence token) or a word-initial BPE piece (``▁THE``) is emitted, or when the utterance ends.
+``word_score`` and ``unk_score`` are applied there too, because flashlight's lexicon-free options do
+not have them.
 
 Scores follow flashlight/torchaudio conventions: acoustic scores are natural-log emissions, LM scores
 are KenLM log10 probabilities multiplied by ``lm_weight``, so weights tuned elsewhere for

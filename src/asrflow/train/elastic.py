@@ -221,7 +221,7 @@ class ElasticTrainer:
         batch = ctx.train_store.collate(batch_ids)
         bns = batchnorm_modules(ctx.model)
         out, stepped, _, budget_spent = training_step(ctx, batch, bns, state.global_step,
-                                                      stop_vote=time_budget_spent(ctx, self.train_state()))
+                                                      stop_vote=time_budget_spent(p, state.train_seconds))
         if not stepped:
             state.skipped_steps += 1
         self.last_loss = float(out.loss.detach())

@@ -190,7 +190,7 @@ def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
             group["lr"] = learning_rate(p, state.global_step, ctx.total_steps, world.size, state.train_seconds)
         batch = ctx.train_store.collate(batches[index])
         out, stepped, grad_norm, budget_spent = training_step(ctx, batch, bns, state.global_step,
-                                                              stop_vote=time_budget_spent(ctx, state))
+                                                              stop_vote=time_budget_spent(p, state.train_seconds))
         if not stepped:
             state.skipped_steps += 1
         state.batch_in_epoch = index + 1
@@ -232,10 +232,9 @@ def log_window(ctx: "Context", state: TrainState, w: dict[str, float]) -> None:
             ctx.progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", ups=f"{metrics['utt_per_s']:.1f}")
 
 
-def time_budget_spent(ctx: "Context", state: TrainState) -> bool:
+def time_budget_spent(params: TrainParams, train_seconds: float) -> bool:
     """This rank's clock against the budget (only rank 0's counts: ranks must stop on the same step)."""
-    p = ctx.params
-    return bool(p.time_budget_minutes) and state.train_seconds >= p.time_budget_minutes * 60
+    return bool(params.time_budget_minutes) and train_seconds >= params.time_budget_minutes * 60
 
 
 def should_stop(ctx: "Context", state: TrainState, budget_spent: bool | None = None) -> bool:
@@ -251,7 +250,7 @@ def should_stop(ctx: "Context", state: TrainState, budget_spent: bool | None = N
         reason = f"max_steps {p.max_steps} reached"
     else:
         if budget_spent is None:
-            budget_spent = time_budget_spent(ctx, state)
+            budget_spent = time_budget_spent(p, state.train_seconds)
             if ctx.world.size > 1:
                 budget_spent = bool(ctx.world.broadcast_object(budget_spent, name=f"stop.{state.global_step}"))
         if budget_spent:
