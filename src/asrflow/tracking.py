@@ -196,3 +196,17 @@ class StepRun:
 
         with store_lock(self.uri):
             mlflow.set_tags(dict(values))
+
+    def file_input(self, path: str | os.PathLike, name: str, context: str) -> str:
+        """Log any input file (a JSON plan, a vocabulary, CMVN statistics) as an MLflow dataset input:
+        metadata only, its source the file's path, digest = sha256 of its bytes (truncated)."""
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        digest = file_digest(path)
+        ds = MetaDataset(resolve_dataset_source(str(Path(path).resolve())), name=name, digest=digest[:36])
+        with store_lock(self.uri):
+            mlflow.log_input(ds, context=context)
+            mlflow.set_tag(f"dataset.{name}.sha256", digest)
+        return digest
