@@ -8,7 +8,8 @@ p = smk.params
 if not p.path:
     raise ValueError(f"corpus.source is {p.kind!r}: set corpus.path to the corpus folder (or manifest file)")
 with step_run(smk, "import_corpus") as run:
-    kwargs = {"split": p.split} if p.kind == "kaldi" else {}
+    # kaldi: the split of the data dir; manifest: the split of lines that name none
+    kwargs = {"split": p.split} if p.kind in ("kaldi", "manifest") else {}
     result = import_corpus(p.kind, p.path, **kwargs)
     write_manifest(smk.output.manifest, result.utterances)
     write_manifest(smk.output.rejects, [r.to_dict() for r in result.rejects], relative_audio=False)

@@ -13,7 +13,7 @@ from asrflow.data import importers
 from asrflow.data.importers import (ImportResult, UnsupportedLayoutError, dialect_slug, import_common_voice,
                                     import_corpus, import_kaldi, import_librispeech, import_manifest,
                                     normalize_transcript, write_import_report)
-from asrflow.manifest import write_manifest
+from asrflow.manifest import ManifestError, write_manifest
 
 SR = 16000
 TOL = 0.005  # durations must match the synthesized length within 5 ms
@@ -278,11 +278,90 @@ def test_user_manifest(tmp_path):
     assert abs(a.duration - 0.5) < TOL  # the header wins over the declared 9.0 s
     assert Path(a.audio) == (folder / "wavs" / "a.wav").resolve()
     assert rejects(result) == {"c": "no_split", "d": "missing_audio"}
-    assert {u.split for u in import_manifest(manifest, split="test").utterances} == {"test"}
+    # corpus.split only fills lines without a split: a line's own split is never overridden
+    assert {u.id: u.split for u in import_manifest(manifest, split="test").utterances} == {"a": "train", "b": "train"}
 
     out = tmp_path / "out" / "m.jsonl"  # what the importer produced is a valid manifest again
     write_manifest(out, result.utterances)
     assert [u.id for u in import_manifest(out).utterances] == ["a", "b"]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_bare_manifest_measures_audio_and_takes_corpus_split(tmp_path):
+    """Only id, audio, text (+ optional speaker, dialect, split): the rest is measured or defaulted."""
+    folder = tmp_path / "bare"
+    tone(folder / "a.wav", 1.25, sr=16000)
+    tone(folder / "b.flac", 0.8, sr=22050, fmt="FLAC")
+    tone(folder / "c.wav", 2.0, sr=8000)
+    garbage(folder / "broken.wav")
+    sf.write(str(folder / "empty.wav"), np.zeros(0, dtype=np.float32), 16000)
+    manifest = write_jsonl(folder / "bare.jsonl", [
+        {"id": "a", "audio": "a.wav", "text": "hello there"},
+        {"id": "b", "audio": "b.flac", "text": "General Kenobi", "speaker": "obi", "dialect": "en_GB"},
+        {"id": "c", "audio": str(folder / "c.wav"), "text": "telephone", "split": "test", "channel": "pstn"},
+        {"id": "broken", "audio": "broken.wav", "text": "cannot be read"},
+        {"id": "empty", "audio": "empty.wav", "text": "no samples"},
+        {"id": "gone", "audio": "gone.wav", "text": "not there"},
+    ])
+    result = import_manifest(manifest, split="train")
+    utts = by_id(result)
+    assert sorted(utts) == ["a", "b", "c"]
+    # duration and sample rate are the files' own, read from their headers
+    assert (utts["a"].sample_rate, utts["b"].sample_rate, utts["c"].sample_rate) == (16000, 22050, 8000)
+    assert abs(utts["a"].duration - 1.25) < TOL and abs(utts["b"].duration - 0.8) < TOL
+    assert abs(utts["c"].duration - 2.0) < TOL
+    assert (utts["a"].split, utts["b"].split, utts["c"].split) == ("train", "train", "test")
+    assert (utts["a"].speaker, utts["a"].dialect) == ("unknown", "unknown")
+    assert (utts["b"].speaker, utts["b"].dialect, utts["b"].text) == ("obi", "en-gb", "GENERAL KENOBI")
+    assert utts["c"].extra == {"channel": "pstn"}
+    assert rejects(result) == {"broken": "unreadable_audio", "empty": "unreadable_audio", "gone": "missing_audio"}
+    reasons = {r.id: r for r in result.rejects}
+    assert "broken.wav" in reasons["broken"].reason and reasons["broken"].source == f"{manifest}:4"
+    assert "empty audio" in reasons["empty"].reason
+
+    # what the workflow writes (workflow_scripts/import_corpus.py): a full manifest and the rejects
+    write_manifest(tmp_path / "out" / "manifest.jsonl", result.utterances)
+    write_manifest(tmp_path / "out" / "rejects.jsonl", [r.to_dict() for r in result.rejects], relative_audio=False)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(x["id"], x["kind"]) for x in lines] == [("broken", "unreadable_audio"), ("empty", "unreadable_audio"),
+                                                    ("gone", "missing_audio")]
+    assert all(x["reason"] for x in lines)
+    again = import_manifest(tmp_path / "out" / "manifest.jsonl")  # a full manifest imports again as is
+    assert {u.id: (u.split, u.sample_rate) for u in again.utterances} == {
+        "a": ("train", 16000), "b": ("train", 22050), "c": ("test", 8000)}
+
+
+def test_bare_manifest_declared_duration_and_rate_are_not_trusted(tmp_path):
+    tone(tmp_path / "a.wav", 0.5, sr=16000)
+    manifest = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "a", "audio": "a.wav", "text": "x", "duration": "long", "sample_rate": 44100, "split": "dev"}])
+    (utt,) = import_manifest(manifest).utterances
+    assert (utt.sample_rate, abs(utt.duration - 0.5) < TOL, utt.split, utt.extra) == (16000, True, "dev", {})
+
+
+def test_bare_manifest_errors_name_the_line_and_what_cannot_be_guessed(tmp_path):
+    tone(tmp_path / "a.wav", 0.5)
+    no_split = write_jsonl(tmp_path / "no_split.jsonl", [{"id": "a", "audio": "a.wav", "text": "x"}])
+    with pytest.raises(ManifestError, match=r"no_split.jsonl:1: 'a' has no split and corpus.split is not set"):
+        import_manifest(no_split)
+    with pytest.raises(ValueError, match="split 'holdout' is not one of train, dev, test"):
+        import_manifest(no_split, split="holdout")
+    no_text = write_jsonl(tmp_path / "no_text.jsonl", [{"id": "a", "audio": "a.wav", "text": "x"},
+                                                      {"id": "b", "audio": "a.wav"}])
+    with pytest.raises(ManifestError, match=r"no_text.jsonl:2: missing or empty field\(s\) text;.*read from the audio"):
+        import_manifest(no_text, split="train")
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "audio": "a.wav", "text": "x"}] * 2)
+    with pytest.raises(ManifestError, match=r"dup.jsonl:2: duplicate utterance id 'a' \(first at line 1\)"):
+        import_manifest(dup, split="train")
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "audio": "a.wav", "text": "x"}\n{oops\n')
+    with pytest.raises(ManifestError, match=r"bad.jsonl:2: not valid JSON"):
+        import_manifest(tmp_path / "bad.jsonl", split="train")
+    # through the dispatcher, as the workflow calls it with corpus.split
+    assert [u.split for u in import_corpus("manifest", no_split, split="dev").utterances] == ["dev"]
 
 
 # -------------------------------------------------------------------------------------- dispatch + report

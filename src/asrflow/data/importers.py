@@ -7,11 +7,13 @@ the caller can write a report (``write_import_report``) and a reviewer can see w
 Problems with the layout itself (a missing ``text`` file, an unknown corpus kind) raise instead.
 
 Audio paths in the returned utterances are absolute; ``write_manifest`` decides how to store them.
-Duration and sample rate always come from the audio header (``audio_info``), never from metadata.
+Duration and sample rate always come from the audio header (``audio_info``), never from metadata, so a
+user's manifest needs only ``id``, ``audio`` and ``text``.
 """
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shlex
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from asrflow.audio import AudioError, audio_info
-from asrflow.manifest import SPLITS, Utterance, read_manifest, write_json
+from asrflow.manifest import SPLITS, ManifestError, Utterance, write_json
 from asrflow.text import is_clean, normalize_text
 
 UNKNOWN_DIALECT = "unknown"
@@ -479,29 +481,82 @@ def _kaldi_utterance(uid: str, data_dir: Path, root: Path, wavs: Mapping[str, st
 # A user's own manifest
 # --------------------------------------------------------------------------------------------------
 
-def import_manifest(path: str | os.PathLike, split: str | None = None) -> ImportResult:
-    """Re-validate a user's JSONL manifest.
+# What a user's manifest must give: the rest (duration, sample rate, speaker, dialect, split) is
+# measured from the audio header, defaulted, or taken from ``corpus.split``.
+MANIFEST_REQUIRED = ("id", "audio", "text")
+MANIFEST_OPTIONAL = ("speaker", "dialect", "split")
+UNKNOWN_SPEAKER = "unknown"
+# Contract fields the importer always recomputes; a user's values for them are not kept.
+_MEASURED = ("duration", "sample_rate")
 
-    The contract (fields, types, unique ids) is checked by ``read_manifest``, which raises on the
-    first broken line. Then each utterance is checked like any corpus: relative audio resolved
-    against the manifest's folder, audio present and readable (duration/sample_rate re-read from
-    the header, since hand-written values are often wrong), transcript normalized, split valid
-    (``split`` overrides every line's), dialect turned into a slug; other fields are kept.
+
+def _manifest_records(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every non-empty line; ManifestError names the line of a broken one."""
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}: "
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"{where}not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise ManifestError(f"{where}expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in MANIFEST_REQUIRED if not isinstance(record.get(k), str) or not record[k].strip()]
+            if missing:
+                raise ManifestError(
+                    f"{where}missing or empty field(s) {', '.join(missing)}; every line needs "
+                    f"{', '.join(MANIFEST_REQUIRED)} (strings). duration and sample_rate are read from the audio, "
+                    f"speaker and dialect default to {UNKNOWN_SPEAKER!r}, split comes from corpus.split")
+            uid = record["id"]
+            if uid in seen:
+                raise ManifestError(f"{where}duplicate utterance id {uid!r} (first at line {seen[uid]})")
+            seen[uid] = lineno
+            yield lineno, record
+
+
+def import_manifest(path: str | os.PathLike, split: str | None = None) -> ImportResult:
+    """Import a user's JSONL manifest; only ``id``, ``audio`` and ``text`` are required per line.
+
+    ``speaker``, ``dialect`` and ``split`` are optional: speaker and dialect default to "unknown"
+    (the dialect is turned into a slug), and a line without a ``split`` takes ``split``
+    (``corpus.split`` in the workflow); a line's own split is never overridden, so dev and test
+    utterances cannot be moved into training by a config value. ``duration`` and ``sample_rate`` are
+    always measured from the audio header, whatever a line declares (hand-written values are often
+    wrong). A broken line (not JSON, missing id/audio/text, duplicate id), or a line without a split
+    when ``split`` is not given, raises ManifestError naming the file and line. Everything else is
+    checked like any corpus and goes to the rejects with its reason: relative audio resolved against
+    the manifest's folder, audio present and readable, transcript normalized, split one of
+    train/dev/test. Other fields are kept.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
     base = path.resolve().parent
     if split is not None:
-        _check_split(split, str(path))
+        _check_split(split, f"{path} (corpus.split)")
     result = ImportResult()
-    for index, utt in enumerate(read_manifest(path), 1):
-        source = f"{path}:{index}"
-        utt_split = split or utt.split
-        if utt_split not in SPLITS:
-            result.add(Reject(utt.id, source, "no_split", f"split {utt.split!r} is not one of {', '.join(SPLITS)}"))
+    for lineno, record in _manifest_records(path):
+        source = f"{path}:{lineno}"
+        uid = record["id"]
+        line_split = record.get("split")
+        if line_split is None:
+            if split is None:
+                raise ManifestError(f"{source}: {uid!r} has no split and corpus.split is not set; add a "
+                                    f"\"split\" ({', '.join(SPLITS)}) to each line or set corpus.split")
+            line_split = split
+        if line_split not in SPLITS:
+            result.add(Reject(uid, source, "no_split", f"split {line_split!r} is not one of {', '.join(SPLITS)}"))
             continue
-        audio = Path(utt.audio) if os.path.isabs(utt.audio) else base / utt.audio
-        result.add(build_utterance(utt.id, audio, utt.text, utt.speaker, dialect_slug(utt.dialect), utt_split,
-                                   source, utt.extra))
+        speaker = str(record.get("speaker") or "").strip() or UNKNOWN_SPEAKER
+        extra = {k: v for k, v in record.items()
+                 if k not in MANIFEST_REQUIRED + MANIFEST_OPTIONAL + _MEASURED}
+        audio = Path(record["audio"])
+        audio = audio if audio.is_absolute() else base / audio
+        result.add(build_utterance(uid, audio, record["text"], speaker, dialect_slug(str(record.get("dialect") or "")),
+                                   line_split, source, extra))
     return result
 
 
