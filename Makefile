@@ -2,7 +2,7 @@
 VENV ?= .venv
 CORES ?= 2
 
-.PHONY: run test install lint
+.PHONY: run test install lint image
 
 install:
 	bash scripts/install.sh
@@ -15,3 +15,8 @@ test: install
 
 lint: install
 	$(VENV)/bin/snakemake --lint
+
+# The container image, built here with buildah from the Dockerfile (no registry): scripts/build_image.sh.
+# BASE=..., IMAGE=..., HOROVOD_NCCL=1 pass through the environment.
+image:
+	bash scripts/build_image.sh

@@ -53,6 +53,11 @@ else
   PY="$PY" bash scripts/build_horovod.sh
 fi
 
+if [ "${ASRFLOW_INSTALL_PACKAGE:-1}" = 0 ]; then
+  # The Dockerfile's dependency layer: everything but the package, so a source change reuses it.
+  echo "asrflow itself skipped (ASRFLOW_INSTALL_PACKAGE=0)"; exit 0
+fi
+
 step "asrflow (editable)"
 "$PY" -c 'import asrflow' 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 "$PY" -c 'import asrflow, horovod.torch as hvd, mlflow, snakemake; print("asrflow ready:", "horovod gloo", hvd.gloo_built(), "| mlflow", mlflow.__version__)'
