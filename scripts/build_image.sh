@@ -83,8 +83,7 @@ mkdir -p "$pipdir"
 PYTHON=${PYTHON:-python3}
 [ -x "$ROOT/.venv/bin/python" ] && PYTHON="$ROOT/.venv/bin/python"
 mounts=()
-while IFS= read -r m; do mounts+=(-v "$m"); done < <(
-  "$PYTHON" -m pip config list 2>/dev/null | "$PYTHON" - "$pipdir/pip.conf" <<'EOF'
+cat > "$pipdir/merge.py" <<'EOF'
 import configparser, os, sys
 # `pip config list` lines: `<section>.<option>='<value>'`; PIP_* variables show as `:env:.<option>`
 # and override the files, as they do for pip itself.
@@ -118,7 +117,7 @@ with open(sys.argv[1], "w") as f:
 for path in sorted(mounts):
     print(f"{path}:{path}:ro")
 EOF
-)
+while IFS= read -r m; do mounts+=(-v "$m"); done < <("$PYTHON" -m pip config list 2>/dev/null | "$PYTHON" "$pipdir/merge.py" "$pipdir/pip.conf")
 say "pip configuration for the build ($pipdir/pip.conf)"
 grep -v '^#' "$pipdir/pip.conf" | sed '/^$/d'
 mounts+=(-v "$pipdir:/etc/asrflow-build-pip:ro"
