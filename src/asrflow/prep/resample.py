@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -16,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from asrflow import loudness
 from asrflow.audio import AudioError, audio_info, read_audio, rms_dbfs, run_sox
+from asrflow.loudness import active_rms_dbfs  # noqa: F401  (re-exported: tests and reports use it from here)
 from asrflow.manifest import Utterance
 from asrflow.text import is_clean, normalize_text
 
@@ -26,8 +27,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ResampleSettings:
     sample_rate: int = 16000
-    target_rms_dbfs: float = -23.0
-    peak_ceiling_dbfs: float = -1.0
+    target_rms_dbfs: float = loudness.DEFAULT_TARGET_RMS_DBFS
+    peak_ceiling_dbfs: float = loudness.DEFAULT_PEAK_CEILING_DBFS
     silence_dbfs: float = -60.0
     clip_fraction: float = 0.01
     min_duration: float = 0.2
@@ -59,34 +60,18 @@ def inspect_source(samples: np.ndarray, settings: ResampleSettings) -> str | Non
     return None
 
 
-def active_rms_dbfs(samples: np.ndarray, sample_rate: int, frame_ms: float = 20.0, floor_db: float = 40.0) -> float:
-    """RMS over the frames within ``floor_db`` of the loudest frame, so leading and trailing pauses do
-    not make a quiet speaker look quieter than a talkative one (a crude speech-activity gate)."""
-    frame = max(1, int(sample_rate * frame_ms / 1000))
-    n = len(samples) // frame
-    if n == 0:
-        return rms_dbfs(samples)
-    frames = samples[: n * frame].reshape(n, frame).astype(np.float64)
-    energy = np.mean(frames * frames, axis=1)
-    peak = energy.max()
-    if peak <= 0:
-        return float("-inf")
-    active = energy[energy >= peak * 10 ** (-floor_db / 10)]
-    return float(10 * np.log10(np.mean(active)))
-
-
 def normalization_gain_db(samples: np.ndarray, sample_rate: int, settings: ResampleSettings) -> float:
-    """Gain that brings active speech to the target RMS without pushing the peak above the ceiling."""
-    level = active_rms_dbfs(samples, sample_rate)
-    peak = float(np.max(np.abs(samples)))
-    gain = settings.target_rms_dbfs - level
-    if peak > 0:
-        gain = min(gain, settings.peak_ceiling_dbfs - 20 * math.log10(peak))
-    return gain
+    """Gain that brings active speech to the target RMS without pushing the peak above the ceiling
+    (:func:`asrflow.loudness.normalization_gain_db`, the one definition inference applies too)."""
+    return loudness.normalization_gain_db(samples, sample_rate, settings.target_rms_dbfs, settings.peak_ceiling_dbfs)
 
 
 def resample_one(src: Path, dst: Path, settings: ResampleSettings, workdir: Path) -> dict:
-    """sox to mono float at the target rate, measure, then sox again to apply the gain and dither to 16 bit."""
+    """sox to mono float at the target rate, measure, then sox again to apply the gain and dither to 16 bit.
+
+    The output equals ``asrflow.loudness.loudness_normalize`` of the first sox pass up to the 16-bit
+    dither (tests/test_loudness.py checks it), so inference can apply the same normalization.
+    """
     info = audio_info(src)
     samples, _ = read_audio(src)
     problem = inspect_source(samples, settings)
