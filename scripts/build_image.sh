@@ -13,7 +13,9 @@
 #     scripts/build_horovod.sh, so a rebuild does not compile Horovod again;
 #   * $ASRFLOW_CACHE/pip-image (read-write): pip's download cache for what comes from PyPI;
 #   * this machine's pip configuration (`pip config list`, PIP_* variables included) as one pip.conf,
-#     and the local folders it names (find-links, file:// indexes, constraints) at the same paths.
+#     and the local folders it names (find-links, file:// indexes, constraints) at the same paths;
+#     its CA bundle (`cert`: here it holds the CA of the TLS proxy PyPI is reached through) as a copy
+#     beside that pip.conf.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -84,7 +86,7 @@ PYTHON=${PYTHON:-python3}
 [ -x "$ROOT/.venv/bin/python" ] && PYTHON="$ROOT/.venv/bin/python"
 mounts=()
 cat > "$pipdir/merge.py" <<'EOF'
-import configparser, os, sys
+import configparser, os, shutil, sys
 # `pip config list` lines: `<section>.<option>='<value>'`; PIP_* variables show as `:env:.<option>`
 # and override the files, as they do for pip itself.
 sections, env = {}, {}
@@ -99,10 +101,14 @@ sections.setdefault("global", {}).update(env)
 conf = configparser.ConfigParser()
 mounts = set()
 for section, options in sections.items():
-    conf[section] = options
-    for option, value in options.items():
-        if option in ("cert", "client-cert"):
-            continue  # the image has its own CA bundle at Debian's path
+    for option, value in list(options.items()):
+        if option in ("cert", "client-cert") and os.path.isfile(value):
+            # The host's CA bundle (it may hold a TLS proxy's CA that PyPI is reached through): a copy
+            # beside this pip.conf, not mounted over the image's own bundle.
+            copy = os.path.join(os.path.dirname(sys.argv[1]), option + ".pem")
+            shutil.copyfile(value, copy)
+            options[option] = os.path.join("/etc/asrflow-build-pip", option + ".pem")
+            continue
         for token in value.split():
             path = token[len("file://"):] if token.startswith("file://") else token
             if not path.startswith("/") or not os.path.exists(path):
@@ -111,6 +117,7 @@ for section, options in sections.items():
             if os.path.basename(path) == "simple":  # a PEP 503 index: its files lie beside it
                 path = os.path.dirname(path)
             mounts.add(path)
+    conf[section] = options
 with open(sys.argv[1], "w") as f:
     f.write("# The build host's pip configuration (scripts/build_image.sh), mounted into the build only.\n")
     conf.write(f)
