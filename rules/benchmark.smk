@@ -27,7 +27,8 @@ rule benchmark:
         seed=config["seed"],
         prep={
             k: config["prep"][k]
-            for k in ("sample_rate", "target_rms_dbfs", "peak_ceiling_dbfs", "silence_dbfs", "clip_fraction", "min_duration")
+            for k in ("sample_rate", "target_rms_dbfs", "peak_ceiling_dbfs", "silence_dbfs", "min_dynamic_range_db",
+                      "clip_fraction", "min_duration")
         },
     # the N-process measurement needs N cores to itself: nothing else may run meanwhile
     threads: max(config.get("benchmark", {}).get("processes", [1, 2]) + config.get("benchmark", {}).get("prep_workers", [1, 2]))

@@ -18,6 +18,7 @@ rule resample_shard:
         target_rms_dbfs=config["prep"]["target_rms_dbfs"],
         peak_ceiling_dbfs=config["prep"]["peak_ceiling_dbfs"],
         silence_dbfs=config["prep"]["silence_dbfs"],
+        min_dynamic_range_db=config["prep"]["min_dynamic_range_db"],
         clip_fraction=config["prep"]["clip_fraction"],
         min_duration=config["prep"]["min_duration"],
     threads: 1

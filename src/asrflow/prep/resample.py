@@ -29,7 +29,8 @@ class ResampleSettings:
     sample_rate: int = 16000
     target_rms_dbfs: float = loudness.DEFAULT_TARGET_RMS_DBFS
     peak_ceiling_dbfs: float = loudness.DEFAULT_PEAK_CEILING_DBFS
-    silence_dbfs: float = -60.0
+    silence_dbfs: float = -60.0  # peak level below which a recording is silent
+    min_dynamic_range_db: float = 6.0  # loudest frames above the file's own noise floor, at least
     clip_fraction: float = 0.01
     min_duration: float = 0.2
 
@@ -45,15 +46,53 @@ def resolve_audio_path(audio: str, manifest_dir: Path) -> Path:
     return path if path.is_absolute() else manifest_dir / path
 
 
-def inspect_source(samples: np.ndarray, settings: ResampleSettings) -> str | None:
-    """Return why the decoded source audio is unusable, or None if it is fine."""
+# Silence is judged on 20-ms frames: the noise floor is the 5th percentile of their levels (a pause
+# of 5% of the file shows it), the signal the 95th (robust to a click or two).
+SILENCE_FRAME_MS = 20.0
+FLOOR_PERCENTILE = 5.0
+SIGNAL_PERCENTILE = 95.0
+MIN_FRAMES_FOR_FLOOR = 10  # shorter files (< 0.2 s) are judged by their peak alone
+
+
+def frame_levels_dbfs(samples: np.ndarray, sample_rate: int, frame_ms: float = SILENCE_FRAME_MS) -> np.ndarray:
+    """Mean-square level (dBFS) of each whole frame; all-zero frames get -200 dBFS instead of -inf."""
+    frame = max(1, int(sample_rate * frame_ms / 1000))
+    n = len(samples) // frame
+    if n == 0:
+        return np.zeros(0)
+    frames = np.asarray(samples[: n * frame], dtype=np.float64).reshape(n, frame)
+    return 10.0 * np.log10(np.maximum(np.mean(frames * frames, axis=1), 1e-20))
+
+
+def inspect_source(samples: np.ndarray, settings: ResampleSettings, sample_rate: int | None = None) -> str | None:
+    """Return why the decoded source audio is unusable, or None if it is fine (``sample_rate``: the
+    samples' own rate, default ``settings.sample_rate``).
+
+    Silence is not judged by absolute RMS: a quiet but clean recording (speech at -61 dBFS RMS with a
+    floor far below it) is what loudness normalization is for. A recording is silent when it has no
+    non-zero sample (digital silence) or its peak is below ``silence_dbfs``; it is noise only when its
+    loudest frames rise less than ``min_dynamic_range_db`` above its own noise floor, whatever its
+    level (steady hiss, hum, room tone: speech always rises above the floor it was recorded over).
+    Noise whose level itself swings (passing traffic, babble) can rise as far as speech in noise does,
+    and is not caught by level alone.
+    """
     if samples.size == 0:
         return "empty audio (no samples)"
     if not np.all(np.isfinite(samples)):
         return "non-finite samples (NaN or Inf)"
-    level = rms_dbfs(samples)
-    if level < settings.silence_dbfs:
-        return f"silent (RMS {level:.1f} dBFS < {settings.silence_dbfs} dBFS)"
+    peak = float(np.max(np.abs(samples)))
+    if peak == 0.0:
+        return "silent (digital silence: every sample is zero)"
+    peak_dbfs = 20.0 * float(np.log10(peak))
+    if peak_dbfs < settings.silence_dbfs:
+        return f"silent (peak {peak_dbfs:.1f} dBFS < {settings.silence_dbfs} dBFS)"
+    levels = frame_levels_dbfs(samples, sample_rate or settings.sample_rate)
+    if levels.size >= MIN_FRAMES_FOR_FLOOR:
+        floor = float(np.percentile(levels, FLOOR_PERCENTILE))
+        rise = float(np.percentile(levels, SIGNAL_PERCENTILE)) - floor
+        if rise < settings.min_dynamic_range_db:
+            return (f"noise only (its loudest frames rise {rise:.1f} dB above its own noise floor of {floor:.1f} dBFS, "
+                    f"< {settings.min_dynamic_range_db} dB; speech rises above the floor it was recorded over)")
     clipped = float(np.mean(np.abs(samples) >= 0.999))
     if clipped > settings.clip_fraction:
         return f"clipped ({clipped:.1%} of samples at full scale > {settings.clip_fraction:.1%})"
@@ -74,7 +113,7 @@ def resample_one(src: Path, dst: Path, settings: ResampleSettings, workdir: Path
     """
     info = audio_info(src)
     samples, _ = read_audio(src)
-    problem = inspect_source(samples, settings)
+    problem = inspect_source(samples, settings, info["sample_rate"])
     if problem:
         raise AudioError(problem)
     tmp = workdir / (dst.stem + ".float.wav")
@@ -101,7 +140,7 @@ def resample_one(src: Path, dst: Path, settings: ResampleSettings, workdir: Path
 def reason_kind(reason: str) -> str:
     """A short category for the report's tally (the full reason stays in the record)."""
     for key, kind in (("bad transcript", "bad_transcript"), ("unreadable", "unreadable"), ("empty", "empty"),
-                      ("non-finite", "non_finite"), ("silent", "silent"), ("clipped", "clipped"),
+                      ("non-finite", "non_finite"), ("silent", "silent"), ("noise only", "noise_only"), ("clipped", "clipped"),
                       ("too short", "too_short"), ("sox", "sox_failed")):
         if key in reason:
             return kind
