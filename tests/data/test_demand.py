@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 
 from asrflow.data import demand
-from asrflow.data.demand import (DownloadError, NoiseDataError, UnsafeArchiveError, build_noise_manifest,
+from asrflow.data.demand import (DownloadError, NoiseDataError, NotAZipError, UnsafeArchiveError, build_noise_manifest,
                                  download_environment, read_noise_manifest, safe_extract, select_channels,
                                  write_noise_manifest)
 
@@ -274,6 +274,70 @@ def test_http_mirror_md5sums(server, tmp_path, monkeypatch):
     data = demand_zip("TBUS", channels=1)
     server.state.files.update({"TBUS_16k.zip": data, "MD5SUMS": f"{md5(data)}  TBUS_16k.zip\n".encode()})
     assert download_environment("TBUS", tmp_path, mirror=server.base, **FAST).read_bytes() == data
+
+
+# ------------------------------------------------------------------------------------------ not a zip
+ERROR_PAGE = (b"<!DOCTYPE html>\n<html><head><title>503 Service Unavailable</title></head>\n"
+              b"<body><h1>Service Unavailable</h1><p>The mirror is down for maintenance.</p></body></html>\n")
+HTML_LOOKS = "starts with '<!DOCTYPE html' — an HTML page, not a zip"
+
+
+def test_html_page_with_matching_md5sums_is_named_and_kept(server, tmp_path, monkeypatch):
+    """An error page saved under the archive's name on a mirror whose MD5SUMS was made from it."""
+    monkeypatch.setitem(demand.DEMAND_16K_MD5, "TBUS", None)
+    server.state.files.update({"TBUS_16k.zip": ERROR_PAGE, "MD5SUMS": f"{md5(ERROR_PAGE)}  TBUS_16k.zip\n".encode()})
+    dl = tmp_path / "downloads"
+    with pytest.raises(NotAZipError) as err:
+        download_environment("TBUS", dl, mirror=server.base, **FAST)
+    message = str(err.value)
+    kept = dl / "TBUS_16k.zip.not-a-zip"
+    assert "TBUS_16k.zip" in message and f"mirror {server.base}" in message
+    assert HTML_LOOKS in message and f"({len(ERROR_PAGE)} bytes)" in message
+    assert md5(ERROR_PAGE) in message and f"MD5SUMS of mirror {server.base}" in message
+    assert f"kept as {kept}" in message
+    assert isinstance(err.value, DownloadError)  # callers that handle download failures catch it too
+    # kept byte for byte under a name no rule trusts (nor deletes); no final zip, no .part
+    assert leftovers(dl) == ["TBUS_16k.zip.not-a-zip"] and kept.read_bytes() == ERROR_PAGE
+    assert [n for n, _ in server.state.requests].count("TBUS_16k.zip") == 1  # not retried: it would not change
+
+
+def test_html_page_in_a_folder_mirror_with_explicit_md5_and_already_downloaded(tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "NPARK_16k.zip").write_bytes(b"\xef\xbb\xbf  " + ERROR_PAGE)  # BOM and blanks first
+    with pytest.raises(NotAZipError, match=f"from mirror {re.escape(str(mirror))} .*{re.escape(HTML_LOOKS)}"):
+        download_environment("NPARK", tmp_path / "dl", mirror=mirror, md5=md5(b"\xef\xbb\xbf  " + ERROR_PAGE), **FAST)
+    assert leftovers(tmp_path / "dl") == ["NPARK_16k.zip.not-a-zip"]
+
+    # a file already at the final name (an older download) is checked as well, and moved aside
+    (tmp_path / "dl2").mkdir()
+    (tmp_path / "dl2" / "NPARK_16k.zip").write_bytes(ERROR_PAGE)
+    with pytest.raises(NotAZipError, match=r"kept as .*dl2/NPARK_16k.zip.not-a-zip"):
+        download_environment("NPARK", tmp_path / "dl2", mirror=mirror, md5=md5(ERROR_PAGE), **FAST)
+    assert leftovers(tmp_path / "dl2") == ["NPARK_16k.zip.not-a-zip"]
+
+
+def test_html_page_against_a_pinned_md5_is_a_mismatch_that_says_what_came(server, tmp_path, monkeypatch):
+    monkeypatch.setitem(demand.DEMAND_16K_MD5, "TBUS", "0" * 32)
+    server.state.files["TBUS_16k.zip"] = ERROR_PAGE
+    with pytest.raises(DownloadError, match=f"(?s)md5 mismatch.*{re.escape(HTML_LOOKS)}") as err:
+        download_environment("TBUS", tmp_path, mirror=server.base, retries=0, **FAST)
+    assert not isinstance(err.value, NotAZipError) and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("data,looks", [
+    (ERROR_PAGE, HTML_LOOKS),
+    (b"", "is empty (0 bytes), not a zip"),
+    (b'{"message": "Not Found"}', "starts with '{\"message\": \"N' — JSON text, not a zip"),
+    (None, "the start of a zip whose end is missing or damaged"),
+    (bytes(range(256)), "unrecognized binary data, not a zip"),
+])
+def test_safe_extract_names_what_a_non_zip_is(tmp_path, kitchen_zip, data, looks):
+    path = tmp_path / "DKITCHEN_16k.zip"
+    path.write_bytes(kitchen_zip[: len(kitchen_zip) // 2] if data is None else data)
+    with pytest.raises(NotAZipError, match=re.escape(f"{path}: cannot be extracted: it ") + ".*" + re.escape(looks)):
+        safe_extract(path, tmp_path / "noise")
+    assert path.exists() and not (tmp_path / "noise" / "DKITCHEN").exists()
 
 
 # ------------------------------------------------------------------------------------------ extraction

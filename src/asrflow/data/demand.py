@@ -42,15 +42,13 @@ N_CHANNELS = 16
 ONLY_48K = ("SCAFE",)
 MD5SUMS_NAME = "MD5SUMS"
 
-# md5 of every <ENV>_16k.zip on Zenodo record 1227121 (the 17 environments that have a 16 kHz file).
-# Where they come from: the md5 values Zenodo publishes for the record's files, as pinned by three
-# unrelated public repositories found with the `search` tool (index file ids 52074064028,
-# 58720013648 and 59473883072: a DEMAND download script "MD5 checksums ... (from Zenodo)", a noise
-# manifest preparer "Official Zenodo MD5 values", and a benchmark asset table that also lists byte
-# sizes). All three agree on all 17 values; two further files (ids 59152096190, 71506278522)
-# repeat the DKITCHEN/DLIVING/DWASHING and TMETRO values. They were not re-checked against
-# zenodo.org from here (no internet). An environment whose value is None is unpinned: downloading
-# it requires an explicit ``md5=`` or a mirror whose MD5SUMS lists it (see ``download_environment``).
+# md5 of every <ENV>_16k.zip on Zenodo record 1227121 (the 17 environments that have a 16 kHz file):
+# the values Zenodo publishes for the record's files, as pinned independently by several public
+# projects (a DEMAND download script, a noise-manifest preparer, a benchmark asset table), which agree
+# on all 17. They were not re-checked against zenodo.org from here (no internet); a wrong pin shows
+# up as an md5 mismatch naming both values. An environment whose value is None is unpinned:
+# downloading it requires an explicit ``md5=`` or a mirror whose MD5SUMS lists it (see
+# ``download_environment``).
 DEMAND_16K_MD5: dict[str, str | None] = {
     "DKITCHEN": "7ffbf52d7f4699f96927846103dc8788",
     "DLIVING": "46741384d9e434a0bd8b3ec1830b6052",
@@ -82,6 +80,11 @@ _MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 
 class DownloadError(RuntimeError):
     """A DEMAND archive could not be fetched and verified; the message names the file."""
+
+
+class NotAZipError(DownloadError):
+    """A file that should be a DEMAND zip is something else (an HTML error page, say); the message
+    names the file, where it came from, what it looks like and where it was kept."""
 
 
 class UnsafeArchiveError(ValueError):
@@ -127,6 +130,52 @@ def zenodo_url(env: str) -> str:
 
 def md5_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return file_digest(path, "md5", chunk)
+
+
+# What a file that should be a zip often is instead, by its first bytes (after a BOM and blanks).
+_CONTENT_KINDS = (
+    ((b"<!doctype html", b"<html", b"<head", b"<body", b"<!--"), "an HTML page"),
+    ((b"<?xml",), "an XML document"),
+    ((b"{", b"["), "JSON text"),
+    ((b"\x1f\x8b",), "gzip data"),
+    ((b"PK\x03\x04", b"PK\x05\x06"), "the start of a zip whose end is missing or damaged"),
+)
+
+
+def describe_non_zip(path: str | os.PathLike) -> str:
+    """What ``path`` looks like instead of a zip, e.g. "starts with '<!DOCTYPE html' — an HTML page,
+    not a zip (612 bytes)"."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes), not a zip"
+    with open(path, "rb") as fh:
+        head = fh.read(256)
+    body = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    shown = body[:14].decode("latin-1")
+    kind = next((what for prefixes, what in _CONTENT_KINDS
+                 if body.lower().startswith(tuple(p.lower() for p in prefixes))), None)
+    if kind is None:
+        printable = all(32 <= b < 127 or b in (9, 10, 13) for b in body[:64])
+        kind = "text" if printable and body else "unrecognized binary data"
+    return f"starts with {shown!r} — {kind}, not a zip ({size} bytes)"
+
+
+def _refuse_non_zip(path: Path, final: Path, source: str, mirror: str | os.PathLike | None, md5: str,
+                    pin_source: str) -> None:
+    """Raise NotAZipError if ``path`` (its md5 already matched) is not a zip, after moving it to
+    ``<final>.not-a-zip``: kept for inspection, under a name no rule trusts or cleans up."""
+    if zipfile.is_zipfile(path):
+        return
+    looks = describe_non_zip(path)
+    kept = final.with_name(final.name + ".not-a-zip")
+    os.replace(path, kept)
+    origin = f"mirror {mirror}" if mirror is not None else f"Zenodo record {ZENODO_RECORD}"
+    raise NotAZipError(
+        f"{final.name} from {origin} ({source}) is not a zip: it {looks}. Its md5 {md5} matches the "
+        f"{pin_source}, so the checksum was made from this same wrong file (a mirror that saved an error or "
+        f"login page under the archive's name, say). The file is kept as {kept}; put the real archive "
+        f"(and its md5) on the mirror, then run again.")
 
 
 def parse_md5sums(text: str) -> dict[str, str]:
@@ -306,12 +355,13 @@ def download_environment(env: str, dest_dir: str | os.PathLike, mirror: str | os
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     final, part = dest / name, dest / f"{name}.part"
+    source, fetch = _fetcher(env, mirror, timeout, chunk)
     if final.exists():
         if md5_of(final, chunk) == want:
+            _refuse_non_zip(final, final, source, mirror, want, pin_source)
             return final
         log.warning("%s: existing file does not match md5 %s; downloading it again", final, want)
         final.unlink()
-    source, fetch = _fetcher(env, mirror, timeout, chunk)
     history: list[str] = []
     actual = None
     for attempt in range(1, retries + 2):
@@ -325,11 +375,13 @@ def download_environment(env: str, dest_dir: str | os.PathLike, mirror: str | os
         else:
             actual = md5_of(part, chunk)
             if actual == want:
+                _refuse_non_zip(part, final, source, mirror, want, pin_source)
                 os.replace(part, final)
                 log.info("%s: verified md5 %s (%s) from %s", final, want, pin_source, source)
                 return final
+            looks = "" if zipfile.is_zipfile(part) else f" (it {describe_non_zip(part)})"
             part.unlink()
-            history.append(f"attempt {attempt}: md5 {actual} != expected {want}; deleted")
+            history.append(f"attempt {attempt}: md5 {actual} != expected {want}{looks}; deleted")
         if attempt <= retries:
             time.sleep(backoff * 2 ** (attempt - 1))
     raise DownloadError(_failure_message(name, source, want, pin_source, actual, part, history))
@@ -434,7 +486,11 @@ def safe_extract(zip_path: str | os.PathLike, target_dir: str | os.PathLike,
     target.mkdir(parents=True, exist_ok=True)
     staging_prefix = f".{zip_path.name}.extracting-"
     _remove_stale_staging(target, staging_prefix)
-    with zipfile.ZipFile(zip_path) as zf:
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile as exc:
+        raise NotAZipError(f"{zip_path}: cannot be extracted: it {describe_non_zip(zip_path)}") from exc
+    with zf:
         check_archive(zf, str(zip_path))
         chosen = [i for i in zf.infolist() if members_prefix is None or i.filename.startswith(members_prefix)]
         if not chosen:
