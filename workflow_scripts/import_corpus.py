@@ -1,6 +1,6 @@
 """Snakemake job: import a real corpus (LibriSpeech, Common Voice, Kaldi data dir, own manifest)."""
 from asrflow.data.importers import import_corpus, write_import_report
-from asrflow.manifest import write_json, write_manifest
+from asrflow.manifest import write_manifest
 from asrflow.workflow import step_run
 
 smk = snakemake  # noqa: F821

@@ -138,10 +138,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def total_hours(utts: Iterable[Utterance]) -> float:
-    return sum(u.duration for u in utts) / 3600.0
-
-
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Plain JSON Lines records (reports, quarantine lists) without the utterance contract."""
     with open(path, encoding="utf-8") as fh:

@@ -173,7 +173,7 @@ def test_silence_and_noise_only_are_quarantined_at_any_level(tmp_path, settings,
                                tmp_path / "q", settings)
     assert [u.id for u in kept] == ["good"]
     assert [(b["id"], b["kind"]) for b in bad] == [("bad", expected)], bad
-    assert (tmp_path / "q" / f"bad.wav").exists()
+    assert (tmp_path / "q" / "bad.wav").exists()
     if expected == "noise_only":
         assert rise_above_floor(x, sr) < settings.min_dynamic_range_db
         assert "above its own noise floor" in bad[0]["reason"]

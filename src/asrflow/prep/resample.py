@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from asrflow import loudness
-from asrflow.audio import AudioError, audio_info, read_audio, rms_dbfs, run_sox
+from asrflow.audio import AudioError, audio_info, read_audio, run_sox
 from asrflow.loudness import active_rms_dbfs  # noqa: F401  (re-exported: tests and reports use it from here)
 from asrflow.manifest import Utterance
 from asrflow.text import is_clean, normalize_text
