@@ -1,9 +1,12 @@
 # Language model, evaluation of each trained variant, and the ablation table.
 
 
+# The LM's text: the embedded corpus's sentence sources (or the training transcripts of a real corpus)
+# plus evaluation.lm_text, with every dev/test sentence of the manifest excluded.
 rule language_model:
     input:
         manifest="results/prep/truncated.jsonl",
+        user_text=[config["evaluation"]["lm_text"]] if config["evaluation"].get("lm_text") else [],
     output:
         arpa="results/lm/words.arpa",
         stats="results/lm/stats.json",
@@ -13,9 +16,12 @@ rule language_model:
         "benchmarks/lm/language_model.tsv"
     params:
         order=config["evaluation"]["lm_order"],
+        corpus_source=config["corpus"]["source"],
+        lm_text=config["evaluation"].get("lm_text"),
+        definitions=config["evaluation"].get("lm_wordnet_definitions", False),
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=3000,
         runtime=10,
     conda:
         "../envs/evaluation.yaml"
@@ -54,6 +60,13 @@ rule evaluate:
         word_scores=config["evaluation"]["word_scores"],
         dev_tune_utterances=config["evaluation"]["dev_tune_utterances"],
         lm_conditions=config["evaluation"]["lm_conditions"],
+        lexicon=config["evaluation"].get("lexicon", "none"),
+        cmudict_path=config["evaluation"].get("cmudict_path"),
+        beam_sizes=config["evaluation"].get("beam_sizes"),
+        # the front end of models exported without a "frontend" entry: the prep settings
+        sample_rate=config["prep"]["sample_rate"],
+        target_rms_dbfs=config["prep"]["target_rms_dbfs"],
+        peak_ceiling_dbfs=config["prep"]["peak_ceiling_dbfs"],
         seed=config["seed"],
     threads: 2
     resources:

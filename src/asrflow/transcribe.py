@@ -1,6 +1,10 @@
-"""Transcribe audio files with a trained asrflow model: any sample rate, mono or stereo.
+"""Transcribe audio files with a trained asrflow model: any sample rate, mono or stereo, any level.
 
     asrflow-transcribe --model results/train/full/model.pt my_recording.wav [--lm results/lm/words.arpa]
+
+Every file goes through the front end training audio went through in prep (``asrflow.loudness``):
+mono, the model's sample rate, and loudness normalization of active speech to the target stored in
+the model (``frontend`` in ``model.pt``), so a recording made 20 dB quieter reads the same.
 """
 from __future__ import annotations
 
@@ -9,27 +13,35 @@ import sys
 from pathlib import Path
 
 import torch
-import torchaudio
 
 from asrflow.audio import read_audio
+from asrflow.loudness import Frontend, prepare_waveform
 from asrflow.text import CharVocab, vocab_from_dict
 from asrflow.train.features import LogMel
 from asrflow.train.models import AcousticModel, build_model
 
 
 class Recognizer(torch.nn.Module):
-    """Waveform (16 kHz) in, CTC log-probs out: the log-mel front end and the acoustic model together."""
+    """Waveform (16 kHz) in, CTC log-probs out: the log-mel front end and the acoustic model together.
 
-    def __init__(self, logmel: LogMel, acoustic: AcousticModel, vocab: CharVocab, sample_rate: int = 16000):
+    ``frontend`` says what the waveform must have been through first (:func:`load_for_model` applies it).
+    """
+
+    def __init__(self, logmel: LogMel, acoustic: AcousticModel, vocab: CharVocab, sample_rate: int = 16000,
+                 frontend: Frontend | None = None):
         super().__init__()
-        self.logmel, self.acoustic, self.vocab, self.sample_rate = logmel, acoustic, vocab, sample_rate
+        self.logmel, self.acoustic, self.vocab = logmel, acoustic, vocab
+        self.frontend = frontend or Frontend(sample_rate=sample_rate)
+        self.sample_rate = self.frontend.sample_rate
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats, feat_lens = self.logmel(waves, lengths)
         return self.acoustic(feats, feat_lens)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Recognizer:
+def load_model(path: str | Path, device: str | torch.device = "cpu", frontend_defaults: Frontend | None = None) -> Recognizer:
+    """The exported model; its front end from the checkpoint's ``frontend`` entry, else ``frontend_defaults``
+    (else the prep defaults), for models exported before the entry existed."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     vocab = vocab_from_dict(ckpt["vocab"])
     acoustic = build_model(ckpt["model_config"], len(vocab), ckpt["n_mels"])
@@ -39,17 +51,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Recogniz
         n = ckpt["n_mels"]
         acoustic.cmvn = GlobalCMVN(torch.zeros(n), torch.ones(n))
     acoustic.load_state_dict(ckpt["model"])
-    model = Recognizer(LogMel(ckpt["n_mels"]), acoustic, vocab, ckpt.get("sample_rate", 16000))
+    frontend = Frontend.from_checkpoint(ckpt, frontend_defaults)
+    model = Recognizer(LogMel(ckpt["n_mels"]), acoustic, vocab, frontend.sample_rate, frontend)
     return model.to(device).eval()
 
 
-def load_for_model(path: str | Path, sample_rate: int = 16000) -> torch.Tensor:
-    """Read any file soundfile can read, average channels, resample to the model's rate."""
+def load_for_model(path: str | Path, frontend: Frontend | int | None = None) -> torch.Tensor:
+    """Read any file soundfile can read; mono, the model's rate and loudness as in prep.
+
+    ``frontend`` is the model's (``model.frontend``); an int is taken as the sample rate with the
+    default normalization; None means the defaults.
+    """
+    if isinstance(frontend, int):
+        frontend = Frontend(sample_rate=frontend)
     samples, sr = read_audio(path, mono=True)
-    wave = torch.from_numpy(samples)
-    if sr != sample_rate:
-        wave = torchaudio.functional.resample(wave, sr, sample_rate)
-    return wave
+    return prepare_waveform(samples, sr, frontend)
 
 
 @torch.no_grad()
@@ -64,15 +80,22 @@ def emissions(model: Recognizer, waves: list[torch.Tensor]) -> tuple[torch.Tenso
 
 
 def transcribe(model: Recognizer, paths: list[str | Path], lm_path: str | Path | None = None,
-               lm_weight: float = 1.0, word_score: float = 0.0, beam_size: int = 50) -> list[str]:
-    from asrflow.evaluate.decoding import BeamSearchDecoder, greedy_decode
+               lm_weight: float = 1.0, word_score: float = 0.0, beam_size: int = 50, lexicon: str = "none",
+               cmudict_path: str | Path | None = None) -> list[str]:
+    """Greedy without ``lm_path``; else LM beam search, lexicon-free (``lexicon="none"``) or over the
+    LM's words (``"lm_vocab"``) plus the CMU dictionary's (``"cmudict"``)."""
+    from asrflow.evaluate.decoding import BeamSearchDecoder, LexiconBeamSearchDecoder, greedy_decode, lexicon_words
 
-    waves = [load_for_model(p, model.sample_rate) for p in paths]
+    waves = [load_for_model(p, model.frontend) for p in paths]
     log_probs, out_lens = emissions(model, waves)
     if lm_path is None:
         return greedy_decode(log_probs, out_lens, model.vocab)
-    decoder = BeamSearchDecoder(model.vocab, lm_path=str(lm_path), beam_size=beam_size, lm_weight=lm_weight,
-                                word_score=word_score)
+    if lexicon != "none":
+        decoder = LexiconBeamSearchDecoder(model.vocab, lm_path, lexicon_words(lexicon, lm_path, cmudict_path),
+                                           beam_size=beam_size, lm_weight=lm_weight, word_score=word_score)
+    else:
+        decoder = BeamSearchDecoder(model.vocab, lm_path=str(lm_path), beam_size=beam_size, lm_weight=lm_weight,
+                                    word_score=word_score)
     return decoder.decode(log_probs, out_lens)
 
 
@@ -84,9 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-weight", type=float, default=1.0)
     ap.add_argument("--word-score", type=float, default=0.0)
     ap.add_argument("--beam-size", type=int, default=50)
+    ap.add_argument("--lexicon", choices=["none", "lm_vocab", "cmudict"], default="none",
+                    help="with --lm: lexicon-free search, or only the LM's words (plus the CMU dictionary's)")
+    ap.add_argument("--cmudict", default=None, help="CMU dictionary file (default: the pocketsphinx package's)")
     args = ap.parse_args(argv)
     model = load_model(args.model)
-    texts = transcribe(model, args.audio, args.lm, args.lm_weight, args.word_score, args.beam_size)
+    texts = transcribe(model, args.audio, args.lm, args.lm_weight, args.word_score, args.beam_size,
+                       lexicon=args.lexicon, cmudict_path=args.cmudict)
     for path, text in zip(args.audio, texts):
         print(f"{path}\t{text}")
     return 0

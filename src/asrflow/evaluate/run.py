@@ -2,6 +2,10 @@
 search, overall, per dialect and per speaker group; tables, plots and per-utterance hypotheses.
 
 LM weights are tuned on dev only (a subset, to bound decoding time), never on test.
+
+Audio reaches the model through the same front end as ``asrflow-transcribe`` (``load_for_model``:
+mono, the model's rate, loudness normalization); a noisy condition is the clean recording mixed with
+noise and then put through that normalization, as a noisy recording given to ``transcribe`` would be.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from typing import Any, Sequence
 
 import torch
 
+from asrflow.loudness import Frontend
 from asrflow.audio import read_audio
 from asrflow.manifest import Utterance, read_manifest, read_records, write_json, write_manifest
-from asrflow.evaluate.decoding import BeamSearchDecoder, greedy_decode, tune_lm_weights, weight_grid
+from asrflow.evaluate.decoding import (BeamSearchDecoder, LexiconBeamSearchDecoder, arpa_vocabulary, greedy_decode,
+                                       lexicon_words, oov_rate, spell, tune_lm_weights, weight_grid)
 from asrflow.evaluate.scoring import score_by_group, score_corpus
-from asrflow.transcribe import Recognizer, emissions, load_model
+from asrflow.transcribe import Recognizer, emissions, load_for_model, load_model
 
 log = logging.getLogger(__name__)
 CLEAN = "clean"
@@ -38,6 +44,13 @@ class EvalSettings:
     batch_size: int = 16
     seed: int = 1234
     threads: int = 2
+    # Front end for models whose model.pt lacks a ``frontend`` entry: the prep settings of the corpus.
+    frontend: Frontend | None = None
+    # LM beam search: lexicon-free ("none") or over a lexicon of the LM's words ("lm_vocab"), plus the
+    # CMU dictionary's ("cmudict"); beam_sizes: also tune the beam on dev (None: beam_size only).
+    lexicon: str = "none"
+    cmudict_path: str | None = None
+    beam_sizes: Sequence[int] | None = None
 
 
 def speaker_group(u: Utterance) -> str:
@@ -50,14 +63,15 @@ def condition_seed(seed: int, utt_id: str, snr: float) -> int:
     return int(hashlib.sha256(f"{seed}:{utt_id}:{snr}".encode()).hexdigest()[:15], 16)
 
 
-def load_waves(utts: Sequence[Utterance]) -> dict[str, torch.Tensor]:
-    waves = {}
-    for u in utts:
-        x, sr = read_audio(u.audio)
-        if sr != 16000:
-            raise ValueError(f"{u.audio}: {sr} Hz; evaluation expects the resampled 16 kHz corpus")
-        waves[u.id] = torch.from_numpy(x)
-    return waves
+def load_waves(utts: Sequence[Utterance], frontend: Frontend | None = None) -> dict[str, torch.Tensor]:
+    """Each utterance's audio as ``asrflow-transcribe`` reads it (``load_for_model``, the model's front end)."""
+    return {u.id: load_for_model(u.audio, frontend) for u in utts}
+
+
+def normalize_waves(waves: dict[str, torch.Tensor], frontend: Frontend | None = None) -> dict[str, torch.Tensor]:
+    """The front end's loudness normalization of each (already mono, resampled) waveform."""
+    fe = frontend or Frontend()
+    return {uid: torch.from_numpy(fe.normalize(w.numpy())) for uid, w in waves.items()}
 
 
 def mix_condition(waves: dict[str, torch.Tensor], noises: list[torch.Tensor], snr: float, seed: int) -> dict[str, torch.Tensor]:
@@ -87,13 +101,30 @@ def greedy(model: Recognizer, em: dict[str, torch.Tensor]) -> dict[str, str]:
     return {uid: greedy_decode(lp, None, model.vocab)[0] for uid, lp in em.items()}
 
 
-def tune_on_dev(model: Recognizer, dev: Sequence[Utterance], lm_path: Path, s: EvalSettings) -> dict[str, Any]:
+def lm_decoder(model: Recognizer, lm_path: Path, s: EvalSettings):
+    """The untuned LM beam search of ``s.lexicon``: lexicon-free, or constrained to a word lexicon."""
+    if s.lexicon == "none":
+        return BeamSearchDecoder(model.vocab, lm_path=str(lm_path), beam_size=s.beam_size,
+                                 beam_size_token=s.beam_size_token)
+    words = lexicon_words(s.lexicon, lm_path, s.cmudict_path)
+    return LexiconBeamSearchDecoder(model.vocab, lm_path, words, beam_size=s.beam_size,
+                                    beam_size_token=s.beam_size_token)
+
+
+def decoding_vocabulary(model: Recognizer, lm_path: Path, decoder) -> list[str]:
+    """Words the LM decoder can output as known words: the spellable lexicon, or the LM's vocabulary."""
+    if isinstance(decoder, LexiconBeamSearchDecoder):
+        return [w for w in decoder.words if spell(w, model.vocab) is not None]
+    return arpa_vocabulary(lm_path)
+
+
+def tune_on_dev(model: Recognizer, dev: Sequence[Utterance], base, s: EvalSettings) -> dict[str, Any]:
+    """LM weight, word score (and beam, if ``s.beam_sizes``) chosen by WER on a dev subset, never test."""
     dev = sorted(dev, key=lambda u: u.id)[: s.dev_tune_utterances]
-    em = compute_emissions(model, load_waves(dev), s.batch_size)
-    base = BeamSearchDecoder(model.vocab, lm_path=str(lm_path), beam_size=s.beam_size, beam_size_token=s.beam_size_token)
+    em = compute_emissions(model, load_waves(dev, model.frontend), s.batch_size)
     t0 = time.time()
     result = tune_lm_weights(base.with_weights, [em[u.id] for u in dev], [u.text for u in dev],
-                             weight_grid(s.lm_weights, s.word_scores))
+                             weight_grid(s.lm_weights, s.word_scores, s.beam_sizes))
     greedy_stats = score_corpus([u.text for u in dev], [greedy_decode(em[u.id], None, model.vocab)[0] for u in dev])
     return {**result.to_dict(), "dev_utterances": len(dev), "dev_greedy_wer": greedy_stats.wer,
             "seconds": round(time.time() - t0, 1)}
@@ -107,7 +138,7 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
              out_dir: Path, s: EvalSettings) -> dict[str, Any]:
     torch.set_num_threads(max(1, s.threads))
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(model_path)
+    model = load_model(model_path, frontend_defaults=s.frontend)
     utts = read_manifest(manifest)
     test = sorted((u for u in utts if u.split == "test"), key=lambda u: u.id)
     dev = [u for u in utts if u.split == "dev"]
@@ -118,19 +149,23 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
     if not noises:
         raise ValueError(f"{noise_manifest}: no held-out noise environments to evaluate with")
 
-    tuning = tune_on_dev(model, dev, lm_path, s) if lm_path else None
+    base = lm_decoder(model, lm_path, s) if lm_path else None
+    tuning = tune_on_dev(model, dev, base, s) if base is not None else None
     decoder = None
+    oov = None
     if tuning:
-        decoder = BeamSearchDecoder(model.vocab, lm_path=str(lm_path), beam_size=s.beam_size,
-                                    beam_size_token=s.beam_size_token, lm_weight=tuning["lm_weight"],
-                                    word_score=tuning["word_score"])
-    clean_waves = load_waves(test)
+        decoder = base.with_weights(tuning["lm_weight"], tuning["word_score"], tuning.get("beam_size"))
+        tuning["lexicon"] = s.lexicon
+        oov = {"lexicon": s.lexicon if s.lexicon != "none" else "lm_vocab (lexicon-free search: OOVs can still be spelled)",
+               **oov_rate([u.text for u in test], decoding_vocabulary(model, lm_path, base))}
+    clean_waves = load_waves(test, model.frontend)
     records: list[dict[str, Any]] = []
     timings = {}
     for snr in [None, *s.snr_levels]:
         cond = condition_name(snr)
         t0 = time.time()
-        waves = clean_waves if snr is None else mix_condition(clean_waves, noises, snr, s.seed)
+        waves = clean_waves if snr is None else normalize_waves(mix_condition(clean_waves, noises, snr, s.seed),
+                                                                 model.frontend)
         em = compute_emissions(model, waves, s.batch_size)
         hyps = {"greedy": greedy(model, em)}
         if decoder is not None and cond in s.lm_conditions:
@@ -142,6 +177,9 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
                 records.append({"id": uid, "condition": cond, "decoder": dec, "ref": u.text, "hyp": hyp,
                                 "dialect": u.dialect, "speaker": u.speaker, "speaker_group": speaker_group(u)})
     metrics = summarize(records, tuning, timings)
+    if oov is not None:
+        metrics["test_oov"] = oov
+        metrics["headline"]["test_oov_rate"] = oov["oov_rate"]
     write_outputs(out_dir, records, metrics)
     return metrics
 
