@@ -1,0 +1,99 @@
+"""Freezing schedules and per-group learning rates for models with a pretrained part.
+
+Works for every asrflow model: models without a pretrained part (``AcousticModel``) get one group with
+``lr_scale`` 1 and never freeze anything.
+
+* ``freeze`` (model config): ``"none"``; ``"all"``: every parameter the checkpoint provides (the whole
+  encoder); an int ``k``: the encoder's stem (convolutions; for wav2vec2 also the feature projection and
+  positional convolution) and its first ``k`` blocks. The head always trains.
+* ``unfreeze_after_steps`` N > 0: from global step N on, nothing is frozen but ``always_frozen_modules``
+  (wav2vec2's CNN feature encoder with ``freeze_feature_encoder``).
+* ``pretrained_lr_scale``: the LR multiplier of the pretrained part; 1 for everything else.
+
+Frozen parameters get ``requires_grad = False``: no gradient is computed for them, so AdamW skips them
+(weight decay included) and they stay bitwise unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _config(model: nn.Module) -> dict[str, Any]:
+    return getattr(model, "model_config", None) or {}
+
+
+def frozen_parameters_at(model: nn.Module, step: int) -> set[int]:
+    """ids of the parameters that must be frozen at global step ``step``."""
+    cfg = _config(model)
+    if not hasattr(model, "freeze_units"):
+        return set()
+    frozen: list[nn.Module] = list(model.always_frozen_modules())
+    unfreeze_at = int(cfg.get("unfreeze_after_steps") or 0)
+    if not (unfreeze_at > 0 and step >= unfreeze_at):
+        freeze = cfg.get("freeze", "none")
+        if freeze == "all":
+            frozen += list(model.pretrained_modules()) or [m for m in _encoder_modules(model)]
+        elif freeze not in ("none", None, False):
+            k = int(freeze)
+            stem, blocks = model.freeze_units()
+            if k > len(blocks):
+                raise ValueError(f"freeze: {k} blocks, but the encoder has {len(blocks)}")
+            frozen += stem + blocks[:k]
+    return {id(p) for m in frozen for p in m.parameters()}
+
+
+def _encoder_modules(model: nn.Module) -> list[nn.Module]:
+    """What ``freeze: all`` means for a randomly initialised model: everything before the head."""
+    stem, blocks = model.freeze_units()
+    return stem + blocks
+
+
+def apply_freeze_schedule(model: nn.Module, step: int) -> bool:
+    """Set ``requires_grad`` for global step ``step``; True when anything changed (then, under Horovod,
+    the DistributedOptimizer must be re-created: it only hooks parameters that required grad when it
+    was built). Call it once before building the optimizer and at the start of every step (and after a
+    resume, with the resumed step)."""
+    frozen = frozen_parameters_at(model, step)
+    changed = 0
+    for p in model.parameters():
+        want = id(p) not in frozen
+        if p.requires_grad != want:
+            p.requires_grad_(want)
+            changed += 1
+    if changed:
+        n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        log.info("step %d: freeze schedule changed %d tensors; %d parameters frozen, %d trainable", step, changed,
+                 n_frozen, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return bool(changed)
+
+
+def pretrained_parameters(model: nn.Module) -> list[nn.Parameter]:
+    if hasattr(model, "pretrained_parameters"):
+        return list(model.pretrained_parameters())
+    if hasattr(model, "pretrained_modules"):
+        return [p for m in model.pretrained_modules() for p in m.parameters()]
+    return []
+
+
+def param_groups(model: nn.Module, lr_scale: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer groups: ``[{"name": "pretrained", "params", "lr_scale"}, {"name": "new", "params", "lr_scale": 1}]``.
+
+    Every parameter is in a group, frozen ones too, so that unfreezing needs no new optimizer groups.
+    ``lr_scale`` defaults to the model config's ``pretrained_lr_scale``. Groups without parameters are
+    left out. The trainer sets ``group["lr"] = lr * group["lr_scale"]`` each step.
+    """
+    scale = float(lr_scale if lr_scale is not None else _config(model).get("pretrained_lr_scale", 1.0))
+    pre = pretrained_parameters(model)
+    pre_ids = {id(p) for p in pre}
+    new = [p for p in model.parameters() if id(p) not in pre_ids]
+    groups = []
+    if pre:
+        groups.append({"name": "pretrained", "params": pre, "lr_scale": scale})
+    if new:
+        groups.append({"name": "new", "params": new, "lr_scale": 1.0})
+    return groups
