@@ -44,7 +44,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", frontend_de
     (else the prep defaults), for models exported before the entry existed."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     vocab = vocab_from_dict(ckpt["vocab"])
-    acoustic = build_model(ckpt["model_config"], len(vocab), ckpt["n_mels"])
+    # load_weights=False: a pretrained model's checkpoint is not needed, model.pt holds all its weights
+    acoustic = build_model(ckpt["model_config"], len(vocab), ckpt["n_mels"], load_weights=False)
     if any(k.startswith("cmvn.") for k in ckpt["model"]):
         from asrflow.train.features import GlobalCMVN
 
@@ -52,7 +53,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", frontend_de
         acoustic.cmvn = GlobalCMVN(torch.zeros(n), torch.ones(n))
     acoustic.load_state_dict(ckpt["model"])
     frontend = Frontend.from_checkpoint(ckpt, frontend_defaults)
-    model = Recognizer(LogMel(ckpt["n_mels"]), acoustic, vocab, frontend.sample_rate, frontend)
+    logmel = getattr(acoustic, "wave_frontend", None) or LogMel(ckpt["n_mels"])  # pretrained models bring theirs
+    model = Recognizer(logmel, acoustic, vocab, frontend.sample_rate, frontend)
     return model.to(device).eval()
 
 

@@ -9,6 +9,7 @@ from typing import Any
 class TrainParams:
     variant: str = "full"
     model: dict[str, Any] = field(default_factory=lambda: {"name": "conformer"})
+    init_from: str | None = None         # an earlier asrflow model.pt to start a fresh run from (not on resume)
     n_mels: int = 80
     epochs: int = 30
     max_steps: int = 0                  # 0: no limit
