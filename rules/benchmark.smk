@@ -39,3 +39,33 @@ rule benchmark:
         "../envs/training.yaml"
     script:
         f"{SCRIPTS}/benchmark.py"
+
+
+rule data_path_benchmark:
+    """The training data path measured: rank memory at 1x and 10x the corpus, loader wait, one reader's
+    decoded audio-s/s, start-up on a LibriSpeech-size manifest on every rank, and our sampler against
+    lhotse's DynamicBucketingSampler on the same manifests."""
+    input:
+        manifest="results/prep/truncated.jsonl",
+        plan="results/prep/buckets.json",
+        vocab="results/prep/vocab.json",
+        cmvn="results/prep/cmvn.json",
+        noise="results/noise/manifest.jsonl",
+    output:
+        json="results/benchmark/data_path.json",
+        md=report("results/benchmark/data_path.md", category="Benchmark", labels={"table": "data path"}),
+    log:
+        "logs/benchmark/data_path.log",
+    benchmark:
+        "benchmarks/benchmark/data_path.tsv"
+    params:
+        train=lambda wc: variant_params(config["training"]["run_variants"][0]),
+        settings=config.get("benchmark", {}).get("data_path", {}),
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=20,
+    conda:
+        "../envs/training.yaml"
+    script:
+        f"{SCRIPTS}/data_path_benchmark.py"

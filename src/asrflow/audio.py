@@ -10,6 +10,14 @@ import numpy as np
 import soundfile as sf
 
 
+# The one sample rate of training, features and inference: prep resamples every corpus to it, and the
+# schema accepts no other `prep.sample_rate` (the log-mel filterbank and the noise are defined at it).
+SAMPLE_RATE = 16000
+# The log-mel hop. The batch plan counts frames at this rate, so it must be derived, not mirrored.
+FEATURE_HOP_MS = 10.0
+FRAMES_PER_SECOND = int(round(1000.0 / FEATURE_HOP_MS))
+
+
 class AudioError(RuntimeError):
     """Audio that cannot be read or processed; the message says which file and why."""
 

@@ -17,7 +17,8 @@ from asrflow.benchmark.runner import (BenchmarkSettings, benchmark_train_params,
 from asrflow.benchmark.throughput import (config_key, precision_label, precision_speedup, scaling_efficiency,
                                           scaling_table, summarize)
 from asrflow.manifest import Utterance
-from asrflow.prep.bucketing import BucketPlan, build_plan, frames, plan_report
+from asrflow.prep.bucketing import build_plan, plan_report
+from asrflow.train.sampler import BucketPlan, frames
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ def raw_record(step_s, utts, audio_s=None, precision="fp32", processes=1, role="
             "per_step": {"step_s": step_s, "utts": utts, "audio_s": audio_s,
                          "real_frames": [100.0 * u for u in utts], "padded_frames": [125.0 * u for u in utts]},
             "per_rank_step_s": [sum(step_s)] * processes,
-            "rank_totals": {"step_s": total, "collate_s": collate * total, "features_s": features * total,
+            "rank_totals": {"step_s": total, "loader_wait_s": collate * total, "features_s": features * total,
                             "cpu_s": (cpu if cpu is not None else 1.0) * total},
             "skipped_steps": 0,
             "memory": {"rss_before_mb": before, "peak_rss_mb": peak, "peak_reset": True, "cuda_max_allocated_mb": None,
@@ -85,7 +86,7 @@ def test_summarize_counts_work_over_total_time_and_reports_the_median():
     assert s["median_step_s"] == pytest.approx(0.75)
     assert s["utt_per_s_median"] == pytest.approx(5 / 0.75)
     assert s["padding_ratio"] == pytest.approx(0.2)
-    assert s["data_share"] == pytest.approx(0.2) and s["collate_share"] == pytest.approx(0.05)
+    assert s["data_share"] == pytest.approx(0.2) and s["loader_wait_share"] == pytest.approx(0.05)
     assert s["cpu_util"] == pytest.approx(0.9)
     assert s["measured_steps"] == 4 and s["utterances"] == 20
     with pytest.raises(ValueError):

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
     local = copy.deepcopy(ctx.model)
     local.train()
     torch.manual_seed(0)
-    batch = ctx.train_store.collate(batches[0])
+    batch = ctx.loader.reader[batches[0]]
     out = compute_loss(local, ctx.loss_fn, batch, ctx.logmel, None, ctx.device, ctx.amp_dtype, ctx.class_weights)
     out.loss.backward()
     record["local_grads"] = {k: p.grad.detach().clone() for k, p in local.named_parameters() if p.grad is not None}

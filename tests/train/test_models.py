@@ -145,3 +145,34 @@ def test_cmvn_inside_model_and_normalized_flag():
         b, _ = model(cmvn(x, lens), lens, normalized=True)
     torch.testing.assert_close(a, b)
     assert {"cmvn.mean", "cmvn.std"} <= set(model.state_dict())
+
+
+def test_intermediate_ctc_head_reads_its_layer_and_self_conditioning_feeds_it_back():
+    from asrflow.train.losses import build_ctc_loss
+
+    cfg = {**TINY["conformer"], "num_layers": 3}
+    feats, lens = _feats([40, 33])
+    torch.manual_seed(0)
+    plain = build_model(cfg, VOCAB, N_MELS).eval()
+    torch.manual_seed(0)
+    inter = build_model({**cfg, "inter_ctc_layer": 1}, VOCAB, N_MELS).eval()
+    inter.load_state_dict(plain.state_dict(), strict=False)  # the shared part
+    (a, la), (b, lb) = plain(feats, lens), inter(feats, lens)
+    assert torch.equal(a, b) and torch.equal(la, lb), "an intermediate head alone changes no output"
+    mid = inter.intermediate_log_probs
+    assert mid.shape == a.shape and torch.allclose(mid.exp().sum(-1), torch.ones(mid.shape[:2]), atol=1e-5)
+    assert plain.intermediate_log_probs is None
+    torch.manual_seed(0)
+    cond = build_model({**cfg, "inter_ctc_layer": 1, "self_condition": True}, VOCAB, N_MELS).eval()
+    cond.load_state_dict({**inter.state_dict(), **{k: v for k, v in cond.state_dict().items() if k.startswith("condition.")}})
+    assert not torch.allclose(cond(feats, lens)[0], a), "self-conditioning feeds predictions forward"
+    # both heads get gradients from the combined loss
+    cond.train()
+    out, out_lens = cond(feats, lens)
+    loss_fn = build_ctc_loss("plain")
+    targets, tlens = torch.tensor([[1, 2, 3], [2, 3, 0]]), torch.tensor([3, 2])
+    loss = 0.7 * loss_fn(out, out_lens, targets, tlens).loss + 0.3 * loss_fn(cond.intermediate_log_probs, out_lens, targets, tlens).loss
+    loss.backward()
+    assert cond.inter_head.weight.grad.abs().sum() > 0 and cond.head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="inter_ctc_layer"):
+        build_model({**cfg, "inter_ctc_layer": 3}, VOCAB, N_MELS)

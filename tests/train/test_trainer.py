@@ -238,9 +238,15 @@ def test_two_process_horovod_run(setup, horovod_launch):
     assert summary["stop_reason"] == f"{EPOCHS} epochs done"
     assert summary["precision"] == "torch.bfloat16" and summary["skipped_steps"] == 0
     assert all(torch.isfinite(torch.tensor(h["dev_loss"])) for h in summary["history"])
+    batches_per_rank = []
     for rank in (0, 1):
         text = (logs / f"rank{rank}.log").read_text()
         assert f"rank{rank} INFO world: 2 rank(s) over horovod" in text
+        # audio comes through a DataLoader worker on every rank, and every rank gets as many batches
+        m = re.search(r"(\d+) batches/epoch/rank, 1 loader worker\(s\)", text)
+        assert m, text[-2000:]
+        batches_per_rank.append(int(m.group(1)))
+    assert batches_per_rank[0] == batches_per_rank[1] > 0
     assert "epoch 1 done" in (logs / "rank0.log").read_text()
     _, runs = mlflow_runs(setup, "trainer-hvd")  # only rank 0 talks to MLflow
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["world_size"] == "2"
@@ -329,15 +335,16 @@ def test_time_budget_and_max_steps_stop_a_single_process(setup, tmp_path):
     assert state.global_step == 3 and state.stop_reason == "max_steps 3 reached"
 
 
-def test_all_ranks_finite_on_one_rank():
+def test_agree_on_step_on_one_rank():
     from asrflow.train.distributed import World
-    from asrflow.train.trainer import all_ranks_finite
+    from asrflow.train.trainer import agree_on_step
 
     world = World()
-    assert all_ranks_finite(torch.tensor(1.5), world)
-    assert not all_ranks_finite(torch.tensor(float("nan")), world)
-    assert not all_ranks_finite(torch.tensor(float("inf")), world)
-    assert not all_ranks_finite(torch.tensor([1.0, float("-inf")]), world)
+    assert agree_on_step(torch.tensor(1.5), world) == (True, False)
+    assert agree_on_step(torch.tensor(1.5), world, stop_vote=True) == (True, True)
+    assert not agree_on_step(torch.tensor(float("nan")), world)[0]
+    assert not agree_on_step(torch.tensor(float("inf")), world)[0]
+    assert not agree_on_step(torch.tensor([1.0, float("-inf")]), world)[0]
 
 
 class _NaNLossOnCalls(torch.nn.Module):
@@ -376,6 +383,26 @@ def test_nan_loss_step_is_skipped_counted_and_leaves_weights_unchanged(setup, tm
     assert state.skipped_steps == 1
     moved = ctx.model.state_dict()
     assert any(not torch.equal(weights[k], moved[k]) for k, _ in ctx.model.named_parameters())
+
+
+def test_gradient_overflow_under_a_grad_scaler_skips_the_update_and_backs_off_the_scale(setup, tmp_path):
+    """fp16's failure mode, reproduced on CPU: a finite loss whose scaled gradients overflow. The one
+    training step skips the update (weights and Adam state untouched), counts it, and the scaler backs off."""
+    from asrflow.train.trainer import TrainState
+
+    ctx = _single_process_context(setup, tmp_path)
+    state = TrainState()
+    _run_steps(ctx, state, 1)
+    ctx.scaler = torch.amp.GradScaler("cpu", init_scale=3e38, growth_interval=1)
+    weights, opt = _snapshot(ctx)
+    _run_steps(ctx, state, 1)
+    assert state.skipped_steps == 1
+    assert ctx.scaler.get_scale() < 3e38
+    after_weights, after_opt = _snapshot(ctx)
+    assert_same_weights(weights, after_weights, "weights after an overflowing step")
+    for k in opt["state"]:
+        assert_same_weights(opt["state"][k], after_opt["state"][k], f"optimizer state {k} after an overflow")
+    assert all(p.grad is None or not p.grad.any() for p in ctx.model.parameters())
 
 
 def test_nan_in_the_forward_pass_does_not_poison_batchnorm_statistics(setup, tmp_path):
@@ -428,7 +455,6 @@ def test_augmentation_starts_at_augment_after_steps(setup, tmp_path):
     """Before ``augment_after_steps`` the model sees exactly the clean features; from that step on, the
     noise and SpecAugment of the recipe (seeded per step, so a resumed run draws the same)."""
     from asrflow.train.trainer import features, step_seed, training_step
-    from asrflow.train.models import batchnorm_modules
 
     ctx = _single_process_context(setup, tmp_path, augment_after_steps=3,
                                   noise={"enabled": True, "p": 1.0, "snr_db": [0.0, 0.0]})
@@ -437,12 +463,11 @@ def test_augmentation_starts_at_augment_after_steps(setup, tmp_path):
     ctx.model.forward = lambda feats, lens, normalized=False: (seen.append(feats.detach().clone()),
                                                                forward(feats, lens, normalized))[1]
     ids = ctx.sampler.global_batches(0)[0]
-    batch = ctx.train_store.collate(ids)
+    batch = ctx.loader.reader[ids]
     clean, _ = features(batch, ctx.logmel, ctx.model, None, ctx.device)
-    bns = batchnorm_modules(ctx.model)
     for step in (0, 2, 3, 4):
         ctx.aug.reseed(step_seed(ctx.params, 0, 0, 0))
-        training_step(ctx, batch, bns, step)
+        training_step(ctx, batch, step)
     assert torch.equal(seen[0], clean) and torch.equal(seen[1], clean), "augmented before augment_after_steps"
     for feats in seen[2:]:
         # 0 dB noise on every utterance: far from the clean features on real frames
@@ -470,8 +495,8 @@ def test_bpe_units_train_export_and_transcribe(setup, tmp_path):
     ctx = build_context(parse_args(argv), TrainParams.from_config(json.loads(params_path.read_text())), World())
     torch.set_num_threads(threads)
     assert ctx.model.head.out_features == len(bpe)
-    first = ctx.train_store.utts[ctx.train_store.ids()[0]]
-    batch = ctx.train_store.collate([first.id])
+    first = next(u for u in setup.utts if u.split == "train")
+    batch = ctx.loader.reader[[first.id]]
     assert int(batch.target_lens[0]) == len(bpe.encode(first.text)) < len(first.text)
     assert bpe.decode(batch.targets[0].tolist()) == first.text
     state = TrainState()

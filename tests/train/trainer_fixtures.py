@@ -91,6 +91,7 @@ def base_params() -> dict[str, Any]:
             "specaugment": {"enabled": True, "freq_mask_param": 5, "time_mask_param": 10, "n_freq_masks": 1,
                             "n_time_masks": 1, "max_time_ratio": 0.2},
             "oversample_temperature": 2.0, "threads_per_rank": 1, "seed": 1234,
+            "loader_workers": 1,  # audio read by a DataLoader worker, as in the workflow: resume stays bitwise
             "sortagrad_epochs": 0}  # shuffled from the first step: the loss-decrease check compares like with like
 
 

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from asrflow.prep.bucketing import (BucketBatchSampler, BucketPlan, bucket_index, frames, make_divisible,
-                                    padding_ratio)
+from asrflow.train.sampler import (BucketBatchSampler, BucketPlan, bucket_index, frames, make_divisible,
+                                   padding_ratio)
 
 MODES = ("fixed_random", "bucketed_fixed", "dynamic", "random_budget")
 

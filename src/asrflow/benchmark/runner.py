@@ -33,7 +33,7 @@ from asrflow.benchmark import padding, table
 from asrflow.benchmark.device import describe, device_info
 from asrflow.benchmark.throughput import config_key, precision_label, precision_speedup, scaling_table, summarize
 from asrflow.manifest import write_json
-from asrflow.prep.bucketing import BucketPlan
+from asrflow.train.sampler import BucketPlan
 
 log = logging.getLogger("asrflow.benchmark")
 
@@ -308,7 +308,7 @@ def mlflow_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     for t in report["throughput"]:
         key = config_key(t["precision"], t["processes"])
         for k in ("utt_per_s", "audio_s_per_s", "median_step_s", "utt_per_s_median", "data_share",
-                  "collate_share", "features_share", "cpu_util"):
+                  "loader_wait_share", "features_share", "cpu_util"):
             if t.get(k) is not None:
                 m[f"throughput.{key}.{k}"] = t[k]
         m[f"throughput.{key}.peak_rss_mb"] = t["memory"]["peak_rss_mb"]

@@ -70,9 +70,9 @@ def details_table(throughput: Sequence[Mapping[str, Any]], scaling: Mapping[str,
 
 
 def breakdown_table(throughput: Sequence[Mapping[str, Any]]) -> str:
-    rows = [(config_label(t["precision"], t["processes"]), pct(t["collate_share"], 1), pct(t["features_share"], 1),
+    rows = [(config_label(t["precision"], t["processes"]), pct(t["loader_wait_share"], 1), pct(t["features_share"], 1),
              pct(1 - t["data_share"], 1)) for t in throughput]
-    return markdown_table(["config", "collate", "features + augmentation", "forward / backward / allreduce / step"], rows)
+    return markdown_table(["config", "waiting for the loader", "features + augmentation", "forward / backward / allreduce / step"], rows)
 
 
 def batching_table(batching: Mapping[str, Any]) -> str:
@@ -164,7 +164,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
            reference_table(report["throughput"]), "",
            "## Throughput, scaling and step time", "",
            details_table(report["throughput"], report["scaling"]), "",
-           "Scaling efficiency = throughput_N / (N × throughput_1). Data-loading share = (collate + feature "
+           "Scaling efficiency = throughput_N / (N × throughput_1). Data-loading share = (time waiting for the loader workers + feature "
            "extraction and augmentation) / step time, summed over ranks.", "",
            breakdown_table(report["throughput"]), ""]
     if report.get("batching"):

@@ -2,7 +2,7 @@
 
 A worker reports, for each measured step, the step time (the slowest rank's: with synchronous
 gradient allreduce every rank waits for it), the utterances, audio seconds and frames all ranks
-processed, plus per-rank sums of the time spent in collate, feature extraction/augmentation and CPU.
+processed, plus per-rank sums of the time spent waiting for the loader workers, feature extraction/augmentation and CPU.
 Every configuration processes the same utterances (see ``padding.benchmark_schedule``), so
 
     throughput = utterances processed / total measured step time
@@ -53,9 +53,9 @@ def summarize(raw: Mapping[str, Any]) -> dict[str, Any]:
         "utterances": int(utts),
         "audio_s": audio,
         "padding_ratio": 1.0 - real / padded if padded else 0.0,
-        "collate_share": ranks["collate_s"] / rank_time,
+        "loader_wait_share": ranks["loader_wait_s"] / rank_time,
         "features_share": ranks["features_s"] / rank_time,
-        "data_share": (ranks["collate_s"] + ranks["features_s"]) / rank_time,
+        "data_share": (ranks["loader_wait_s"] + ranks["features_s"]) / rank_time,
         "cpu_util": ranks["cpu_s"] / (rank_time * threads) if "cpu_s" in ranks else None,
         "skipped_steps": int(raw.get("skipped_steps", 0)),
     }

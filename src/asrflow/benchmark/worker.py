@@ -3,12 +3,11 @@
 Run as ``python -m asrflow.benchmark.worker ...`` (one process) or under
 ``horovodrun -np N -H localhost:N --gloo python -m asrflow.benchmark.worker ...``. For each case of
 the spec (precision, batching mode, gradient checkpointing) it builds the training context with the
-trainer's own ``build_context`` (model, ``hvd.DistributedOptimizer``, GradScaler, augmenters, audio in
-memory), then runs warm-up and measured steps exactly as ``train_one_epoch`` does them — per-step
-seeding, learning-rate schedule, collate, ``compute_loss``, the all-ranks-finite check, backward,
-gradient allreduce, unscale, clipping, optimizer step — timing the data side (collate, feature
-extraction and augmentation, through forward hooks) apart from the rest. Rank 0 collects every rank's
-records with an allreduce and writes one JSON file.
+trainer's own ``build_context`` (model, ``hvd.DistributedOptimizer``, GradScaler, augmenters, the
+loader workers), then runs warm-up and measured steps through the trainer's own epoch loop
+(``run_batches``, the one ``training_step``), timing the data side (waiting for the loader, feature
+extraction and augmentation, through forward hooks) apart from the rest in a step hook. Rank 0
+collects every rank's records with an allreduce and writes one JSON file.
 """
 from __future__ import annotations
 
@@ -27,17 +26,17 @@ from asrflow.benchmark.memory import MB, MemoryProbe, SavedTensorMeter
 from asrflow.benchmark.padding import batch_frames, benchmark_schedule
 from asrflow.benchmark.throughput import precision_label
 from asrflow.manifest import write_json
-from asrflow.prep.bucketing import BucketPlan
 from asrflow.train.distributed import World, init_distributed
 from asrflow.train.models import count_parameters
 from asrflow.train.params import TrainParams
 from asrflow.train.run import build_context, setup_logging
-from asrflow.train.trainer import Context, all_ranks_finite, compute_loss, learning_rate, step_seed
+from asrflow.train.sampler import BucketPlan
+from asrflow.train.trainer import Context, StepRecord, TrainState, run_batches
 
 log = logging.getLogger("asrflow.benchmark")
 
 # per-step fields each rank records (summed over ranks by allreduce, except step_s: max, see below)
-STEP_FIELDS = ("step_s", "collate_s", "features_s", "cpu_s", "utts", "audio_s", "real_frames", "padded_frames")
+STEP_FIELDS = ("step_s", "loader_wait_s", "features_s", "cpu_s", "utts", "audio_s", "real_frames", "padded_frames")
 RANK_FIELDS = ("rss_before_mb", "peak_rss_mb", "peak_reset", "cuda_max_allocated_mb", "cuda_max_reserved_mb",
                "gpu_util_mean", "gpu_util_max", "gpu_mem_used_max_mb", "skipped_steps", "saved_activations_mb")
 
@@ -97,40 +96,27 @@ class FeatureTimer:
             h.remove()
 
 
-def train_step(ctx: Context, ids: list[str], index: int, global_step: int, timer: FeatureTimer) -> dict[str, float]:
-    """One optimizer step as ``train_one_epoch`` takes it, with the data side timed apart."""
-    p, world, model, opt = ctx.params, ctx.world, ctx.model, ctx.optimizer
-    t0, c0 = time.perf_counter(), time.process_time()
-    seed = step_seed(p, 0, index, world.rank)
-    torch.manual_seed(seed)
-    ctx.aug.reseed(seed)
-    for group in opt.param_groups:
-        group["lr"] = learning_rate(p, global_step, ctx.total_steps, world.size)
-    batch = ctx.train_store.collate(ids)
-    t_collate = time.perf_counter() - t0
-    timer.take()
-    out = compute_loss(model, ctx.loss_fn, batch, ctx.logmel, ctx.aug, ctx.device, ctx.amp_dtype, ctx.class_weights)
-    opt.zero_grad()
-    skipped = 0
-    if all_ranks_finite(out.loss.detach(), world):
-        ctx.scaler.scale(out.loss).backward()
-        world.synchronize(opt)
-        ctx.scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-        if torch.isfinite(grad_norm):
-            with world.skip_synchronize(opt):
-                ctx.scaler.step(opt)
-        else:
-            skipped = 1
-        ctx.scaler.update()
-    else:
-        skipped = 1
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize()
-    real, padded = batch_frames(ids, ctx.sampler.plan.durations)
-    return {"step_s": time.perf_counter() - t0, "collate_s": t_collate, "features_s": timer.take(),
-            "cpu_s": time.process_time() - c0, "utts": float(len(ids)), "audio_s": batch.audio_seconds,
-            "real_frames": float(real), "padded_frames": float(padded), "skipped": float(skipped)}
+class StepRecorder:
+    """The benchmark's step hook: one row of STEP_FIELDS per step run through the trainer's loop."""
+
+    def __init__(self, plan: BucketPlan, timer: FeatureTimer):
+        self.plan, self.timer = plan, timer
+        self.rows: list[list[float]] = []
+        self.skipped = 0
+
+    def __call__(self, ctx: Context, state: TrainState, r: StepRecord) -> None:
+        real, padded = batch_frames(r.batch.ids, self.plan.durations)
+        values = {"step_s": r.step_seconds, "loader_wait_s": r.loader_wait_seconds, "features_s": self.timer.take(),
+                  "cpu_s": r.cpu_seconds, "utts": float(len(r.batch.ids)), "audio_s": r.batch.audio_seconds,
+                  "real_frames": float(real), "padded_frames": float(padded)}
+        self.rows.append([values[f] for f in STEP_FIELDS])
+        self.skipped += 0 if r.outcome.stepped else 1
+
+
+def run_steps(ctx: Context, state: TrainState, batches: list[list[str]], hooks=()) -> None:
+    """Steps over ``batches`` through the trainer's own loop, continuing ``state``'s step count."""
+    state.batch_in_epoch = 0
+    run_batches(ctx, state, batches, hooks)
 
 
 def case_params(base: dict[str, Any], case: dict[str, Any]) -> TrainParams:
@@ -138,6 +124,10 @@ def case_params(base: dict[str, Any], case: dict[str, Any]) -> TrainParams:
     for launcher_key in ("np", "hosts"):  # launcher settings some variants carry, not training options
         cfg.pop(launcher_key, None)
     cfg["dev_max_utterances"] = 1  # the dev set is not used; do not load it
+    # the loop's own side effects stay out of the timed steps: no checkpoints, one log line at the end
+    cfg["checkpoint_every_steps"] = 0
+    cfg["log_every"] = 1_000_000
+    cfg["max_steps"], cfg["time_budget_minutes"] = 0, 0.0
     cfg["precision"] = case.get("precision", cfg.get("precision", "auto"))
     cfg["bucketing"] = case.get("batching", "dynamic") != "random_budget"
     model = dict(cfg.get("model", {}))
@@ -173,18 +163,14 @@ def measure_case(args: argparse.Namespace, base: dict[str, Any], spec: dict[str,
              len(schedule.utterances), schedule.passes)
 
     memory.start()
-    step = 0
-    for ids in warm:
-        train_step(ctx, ids, step, step, timer)
-        step += 1
+    state = TrainState()
+    run_steps(ctx, state, warm)
     world.sum(torch.zeros(1), name=f"barrier.{name}")
     gpu.start()
-    rows, skipped = [], 0
-    for ids in measured:
-        r = train_step(ctx, ids, step, step, timer)
-        step += 1
-        skipped += int(r["skipped"])
-        rows.append([r[f] for f in STEP_FIELDS])
+    timer.take()
+    recorder = StepRecorder(plan, timer)
+    run_steps(ctx, state, measured, hooks=[recorder])
+    rows, skipped = recorder.rows, recorder.skipped
     gpu_stats = gpu.stop()
     mem = memory.stop()
     saved_mb = -1.0
@@ -192,7 +178,7 @@ def measure_case(args: argparse.Namespace, base: dict[str, Any], spec: dict[str,
         # one more (untimed) step on the largest measured batch, counting what autograd keeps for backward
         largest = max(measured, key=lambda b: batch_frames(b, plan.durations)[1])
         with SavedTensorMeter(ctx.model.parameters()) as meter:
-            train_step(ctx, largest, step, step, timer)
+            run_steps(ctx, state, [largest])
         saved_mb = meter.bytes / MB
     timer.remove()
 

@@ -23,12 +23,11 @@ from typing import Callable
 
 import numpy as np
 
-from asrflow.audio import read_audio, rms_dbfs, run_sox, write_audio
+from asrflow.audio import SAMPLE_RATE, read_audio, rms_dbfs, run_sox, write_audio
 from asrflow.corpus.sentences import load_sentences
 from asrflow.corpus.synth import ENGINE_RATES, Speaker, sox_process, synthesize
 from asrflow.manifest import write_json
 
-SAMPLE_RATE = 16000
 # Channel-average RMS each environment is scaled to: traffic and metro loud, office quiet, as in DEMAND.
 LEVELS_DBFS = {
     "DKITCHEN": -32.0, "NPARK": -34.0, "OOFFICE": -38.0, "PCAFETER": -30.0, "STRAFFIC": -28.0, "TMETRO": -27.0,

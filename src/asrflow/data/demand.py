@@ -29,7 +29,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from asrflow.audio import audio_info, read_audio, rms_dbfs
+from asrflow.audio import SAMPLE_RATE, audio_info, read_audio, rms_dbfs
 from asrflow.manifest import write_manifest
 from asrflow.tracking import file_digest
 
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 ZENODO_RECORD = "1227121"
 ZENODO_URL_TEMPLATE = "https://zenodo.org/records/1227121/files/{name}?download=1"
-SAMPLE_RATE = 16000
 N_CHANNELS = 16
 ONLY_48K = ("SCAFE",)
 MD5SUMS_NAME = "MD5SUMS"
@@ -540,7 +539,7 @@ def select_channels(env_dir: str | os.PathLike, channels: Sequence[int]) -> list
             raise NoiseDataError(f"{path}: missing; is {env_dir} an extracted DEMAND environment folder?")
         info = audio_info(path)
         if info["sample_rate"] != SAMPLE_RATE or info["channels"] != 1:
-            raise NoiseDataError(f"{path}: expected 16000 Hz mono, found {info['sample_rate']} Hz with "
+            raise NoiseDataError(f"{path}: expected {SAMPLE_RATE} Hz mono, found {info['sample_rate']} Hz with "
                                  f"{info['channels']} channel(s); use the _16k archives")
         paths.append(path)
     return paths

@@ -21,11 +21,11 @@ from typing import Any, Sequence
 import torch
 
 from asrflow.loudness import Frontend
-from asrflow.audio import read_audio
-from asrflow.manifest import Utterance, read_manifest, read_records, write_json, write_manifest
+from asrflow.manifest import Utterance, read_manifest, write_json, write_manifest
 from asrflow.evaluate.decoding import (BeamSearchDecoder, LexiconBeamSearchDecoder, arpa_vocabulary, greedy_decode,
                                        lexicon_words, oov_rate, spell, tune_lm_weights, weight_grid)
 from asrflow.evaluate.scoring import score_by_group, score_corpus
+from asrflow.train.augment import noise_recordings
 from asrflow.transcribe import Recognizer, emissions, load_for_model, load_model
 
 log = logging.getLogger(__name__)
@@ -143,11 +143,7 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
     test = sorted((u for u in utts if u.split == "test"), key=lambda u: u.id)
     dev = [u for u in utts if u.split == "dev"]
     by_id = {u.id: u for u in test}
-    noises = [torch.from_numpy(read_audio(Path(r["audio"]) if Path(r["audio"]).is_absolute()
-                                          else Path(noise_manifest).resolve().parent / r["audio"])[0])
-              for r in read_records(noise_manifest) if r["split"] == "heldout"]
-    if not noises:
-        raise ValueError(f"{noise_manifest}: no held-out noise environments to evaluate with")
+    noises = noise_recordings(noise_manifest, "heldout")
 
     base = lm_decoder(model, lm_path, s) if lm_path else None
     tuning = tune_on_dev(model, dev, base, s) if base is not None else None

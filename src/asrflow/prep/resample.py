@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from asrflow import loudness
-from asrflow.audio import AudioError, audio_info, read_audio, run_sox
+from asrflow.audio import SAMPLE_RATE, AudioError, audio_info, read_audio, run_sox
 from asrflow.loudness import active_rms_dbfs  # noqa: F401  (re-exported: tests and reports use it from here)
 from asrflow.manifest import Utterance
 from asrflow.text import is_clean, normalize_text
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ResampleSettings:
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     target_rms_dbfs: float = loudness.DEFAULT_TARGET_RMS_DBFS
     peak_ceiling_dbfs: float = loudness.DEFAULT_PEAK_CEILING_DBFS
     silence_dbfs: float = -60.0  # peak level below which a recording is silent

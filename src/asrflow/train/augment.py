@@ -142,11 +142,9 @@ class NoiseInjector(nn.Module):
         return torch.as_tensor(source, dtype=torch.float32).reshape(-1).cpu()
 
     @classmethod
-    def from_manifest(cls, manifest_path: str | os.PathLike, **kwargs) -> "NoiseInjector":
-        """Noise recordings listed in an asrflow manifest (its ``audio`` paths)."""
-        from asrflow.manifest import iter_manifest
-
-        return cls([u.audio for u in iter_manifest(manifest_path)], **kwargs)
+    def from_noise_manifest(cls, noise_manifest: str | os.PathLike, split: str, **kwargs) -> "NoiseInjector":
+        """The recordings of one split (``train`` or ``heldout`` environments) of a noise manifest."""
+        return cls(noise_recordings(noise_manifest, split), **kwargs)
 
     def _segment(self, noise: torch.Tensor, n: int) -> torch.Tensor:
         """n samples from a random offset, wrapping around when the recording is shorter than n."""
@@ -241,3 +239,15 @@ class SpeedPerturb(nn.Module):
                 out[b, :n] = res[i, :n]
         factors = torch.tensor([self.factors[k] for k in choice.tolist()], dtype=torch.float64)
         return out, new_lengths.to(lengths.device), factors
+
+
+def noise_recordings(noise_manifest: str | os.PathLike, split: str) -> list[torch.Tensor]:
+    """The noise recordings of one split as float32 tensors at the training rate. The manifest is read
+    by its one reader, ``asrflow.data.demand.read_noise_manifest`` (validated, paths resolved)."""
+    from asrflow.audio import SAMPLE_RATE
+    from asrflow.data.demand import read_noise_manifest
+
+    paths = [r["audio"] for r in read_noise_manifest(noise_manifest) if r["split"] == split]
+    if not paths:
+        raise ValueError(f"{noise_manifest}: no noise recordings in split {split!r}")
+    return [NoiseInjector._load(p, SAMPLE_RATE) for p in paths]

@@ -111,6 +111,10 @@ class HorovodWorld(World):
 
 
 def init_distributed(require_horovod: bool = False) -> World:
+    """Horovod's world under horovodrun; one plain process when Horovod is absent, or when
+    ``ASRFLOW_NO_HOROVOD=1`` asks for one (a single-GPU machine without a Horovod build)."""
+    if os.environ.get("ASRFLOW_NO_HOROVOD") == "1" and not require_horovod:
+        return World()
     try:
         import horovod.torch  # noqa: F401
     except ImportError as exc:

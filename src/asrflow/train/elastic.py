@@ -6,16 +6,17 @@
 Workers that fail (a node lost, a process killed) are dropped and training goes on with the others
 from the last commit; hosts that the discovery script lists later are added. Built on
 ``hvd.elastic.run`` and ``hvd.elastic.TorchState`` (model, optimizer, epoch, batch and the counters)
-around the pieces of ``asrflow.train.trainer``: each step as ``train_one_epoch`` takes it
-(``training_step``, ``learning_rate``), ``end_of_epoch`` (dev scores, checkpoint),
-``should_stop`` / ``stop_after_epoch``; the context is ``asrflow.train.run.build_context``'s.
+around the trainer's own epoch loop (``asrflow.train.trainer.run_batches``, the one step function
+``training_step``) with a commit hook, ``end_of_epoch`` (dev scores, checkpoint),
+``should_stop`` / ``stop_after_epoch``; the context is ``asrflow.train.run.build_context``'s, and
+the end (export, summary, MLflow) is ``asrflow.train.run.finish``.
 
 What changes with the world size, on every reset (``on_reset``):
 
 * ranks and size are re-read from Horovod, the bucket sampler is re-sharded for the new world, the
   current epoch continues at the same fraction of its batches;
-* the learning rate is rescaled (``lr_scale_with_workers``: peak lr x number of workers) and the
-  schedule's length (``total_steps``) recomputed.
+* the learning rate follows the new size at the next step (``lr_scale_with_workers``: peak lr x
+  number of workers) and the schedule's length (``total_steps``) is recomputed.
 
 Commits (``state.commit()``) copy model and optimizer to host memory: every ``--commit-every`` steps and
 at each epoch's end. A failure loses the steps since the last commit. Checkpoints on disk are the
@@ -35,23 +36,16 @@ import math
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from asrflow.manifest import read_manifest, write_json
 from asrflow.train.checkpoint import latest_checkpoint, load_checkpoint
-from asrflow.train.data import AudioStore
 from asrflow.train.distributed import HorovodWorld
-from asrflow.train.models import batchnorm_modules, count_parameters
+from asrflow.train.models import count_parameters
 from asrflow.train.params import TrainParams
-from asrflow.train.run import build_context, export_model, log_pytorch_model
+from asrflow.train.run import build_context, finish, tracked_run
 from asrflow.train.run import parse_args as parse_run_args
-from asrflow.train.trainer import (Context, TrainState, archive_if_stale, end_of_epoch,
-                                   learning_rate,
-                                   save, should_stop, step_seed, stop_after_epoch, time_budget_spent,
-                                   training_step)
+from asrflow.train.trainer import (Context, StepRecord, TrainState, archive_if_stale, end_of_epoch, run_batches,
+                                   save, should_stop, stop_after_epoch)
 
 log = logging.getLogger("asrflow.train.elastic")
 
@@ -92,6 +86,13 @@ def setup_logging(log_dir: Path | None) -> None:
 
 
 class ElasticTrainer:
+    """The trainer's epoch loop (``run_batches``) inside ``hvd.elastic.run``, with a commit hook.
+
+    The elastic state holds the model, the optimizer and the TrainState as one value (``train``): a
+    commit stores a fresh copy of it, so the working TrainState of the loop never leaks uncommitted
+    changes past a restore (ObjectState keeps references).
+    """
+
     def __init__(self, ctx: Context, commit_every: int):
         self.ctx, self.commit_every = ctx, commit_every
         self.base_sampler = ctx.sampler  # as build_context made it (bucketing, oversampling, ...)
@@ -110,55 +111,32 @@ class ElasticTrainer:
         ctx.sampler = sampler
         ctx.total_steps = p.max_steps or p.epochs * len(ctx.sampler)
 
-    def set_lr(self, step: int) -> float:
-        lr = learning_rate(self.ctx.params, step, self.ctx.total_steps, self.ctx.world.size, self.state.train_seconds)
-        for group in self.ctx.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
     def on_reset(self) -> None:
-        """After workers were added or removed: new shards, new learning rate."""
+        """After workers were added or removed: new shards (the LR follows the new world size at the
+        next step, as prepare_step computes it from ``world.size``)."""
         old, new = self.world_size, self.ctx.world.size
         self.world_size = new
         self.reshard()
-        lr = self.set_lr(self.state.global_step)
         self.resets += 1
         self.world_sizes.append(new)
-        log.info("reset %d: %d -> %d worker(s), now rank %d; lr rescaled to %.2e; %d batches/epoch/rank",
-                 self.resets, old, new, self.ctx.world.rank, lr, len(self.ctx.sampler))
+        log.info("reset %d: %d -> %d worker(s), now rank %d; %d batches/epoch/rank",
+                 self.resets, old, new, self.ctx.world.rank, len(self.ctx.sampler))
 
     # -- state ---------------------------------------------------------------------------------------
     def initial_state(self, resumed: TrainState):
         import horovod.torch as hvd
 
-        # Only immutable values besides model/optimizer: ObjectState.save() keeps references, so a
-        # mutated list would leak uncommitted changes past a restore.
-        self.state = hvd.elastic.TorchState(
-            model=self.ctx.model, optimizer=self.ctx.optimizer, epoch=resumed.epoch, batch=resumed.batch_in_epoch,
-            epoch_batches=0, global_step=resumed.global_step, skipped_steps=resumed.skipped_steps,
-            best_dev_loss=resumed.best_dev_loss, epochs_without_improvement=resumed.epochs_without_improvement,
-            train_seconds=resumed.train_seconds, history=tuple(resumed.history), stop_reason="")
+        self.state = hvd.elastic.TorchState(model=self.ctx.model, optimizer=self.ctx.optimizer,
+                                            train=copy.deepcopy(resumed), epoch_batches=0)
         self.state.register_reset_callbacks([self.on_reset])
         return self.state
 
-    def train_state(self) -> TrainState:
-        """The elastic state as the trainer's TrainState (what checkpoints, end_of_epoch and the
-        export work with)."""
-        s = self.state
-        return TrainState(epoch=s.epoch, batch_in_epoch=s.batch, global_step=s.global_step, skipped_steps=s.skipped_steps,
-                          best_dev_loss=s.best_dev_loss, epochs_without_improvement=s.epochs_without_improvement,
-                          train_seconds=s.train_seconds, history=[dict(h) for h in s.history],
-                          finished=bool(s.stop_reason), stop_reason=s.stop_reason)
-
-    def absorb(self, ts: TrainState) -> None:
-        """Copy what a trainer function changed in a TrainState view back into the elastic state."""
-        s = self.state
-        s.epoch, s.batch, s.global_step, s.skipped_steps = ts.epoch, ts.batch_in_epoch, ts.global_step, ts.skipped_steps
-        s.best_dev_loss, s.epochs_without_improvement = ts.best_dev_loss, ts.epochs_without_improvement
-        s.train_seconds, s.history, s.stop_reason = ts.train_seconds, tuple(ts.history), ts.stop_reason
+    def commit(self, working: TrainState) -> None:
+        self.state.train = copy.deepcopy(working)
+        self.state.commit()
 
     # -- the loop -------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> TrainState:
         import horovod.torch as hvd
 
         @hvd.elastic.run
@@ -166,83 +144,34 @@ class ElasticTrainer:
             self.train_loop(state)
 
         train(self.state)
+        return copy.deepcopy(self.state.train)
 
     def train_loop(self, state) -> None:
         """Runs (again, after every reset) from the last committed state to the end of training: the
         trainer's fit() loop, with commits."""
         ctx = self.ctx
-        while not state.stop_reason:
-            ts = self.train_state()
+        ts = copy.deepcopy(state.train)  # the working copy; committed copies live in state.train
+        while not ts.stop_reason:
             if stop_after_epoch(ctx, ts) or should_stop(ctx, ts):
-                self.absorb(ts)
                 break
-            ctx.sampler.set_epoch(state.epoch)
+            ctx.sampler.set_epoch(ts.epoch)
             batches = list(ctx.sampler)
             if state.epoch_batches and state.epoch_batches != len(batches):
                 # the world changed mid-epoch: go on at the same fraction of the (re-sharded) epoch
-                state.batch = min(len(batches), math.floor(state.batch * len(batches) / state.epoch_batches))
+                ts.batch_in_epoch = min(len(batches), math.floor(ts.batch_in_epoch * len(batches) / state.epoch_batches))
             state.epoch_batches = len(batches)
-            completed = self.train_epoch(state, batches)
-            ts = self.train_state()
+            completed = run_batches(ctx, ts, batches, hooks=[self.commit_hook])
             end_of_epoch(ctx, ts, partial=not completed and ts.batch_in_epoch < len(batches))
             ts.history[-1]["workers"] = ctx.world.size
             if not completed and not ts.stop_reason:
                 ts.stop_reason = "stopped mid-epoch"
-            self.absorb(ts)
             state.epoch_batches = 0
-            state.commit()
+            self.commit(ts)
+        self.state.train = copy.deepcopy(ts)
 
-    def train_epoch(self, state, batches: list) -> bool:
-        """The rest of the epoch; False when a stop criterion (steps, time budget) fired."""
-        ctx, p = self.ctx, self.ctx.params
-        ctx.model.train()
-        for index in range(state.batch, len(batches)):
-            budget_spent = self.step(batches[index], index)
-            state.batch = index + 1
-            state.global_step += 1
-            if state.global_step % p.log_every == 0:
-                self.log_step()
-            ts = self.train_state()
-            if should_stop(ctx, ts, budget_spent):
-                state.stop_reason = ts.stop_reason
-                return False
-            if state.global_step % self.commit_every == 0:
-                state.commit()
-        return True
-
-    def step(self, batch_ids, index: int) -> bool:
-        """One optimizer step, as trainer.train_one_epoch takes it; returns the agreed budget vote."""
-        ctx, p, world, state, opt = self.ctx, self.ctx.params, self.ctx.world, self.state, self.ctx.optimizer
-        t0 = time.time()
-        seed = step_seed(p, state.epoch, index, world.rank)
-        torch.manual_seed(seed)
-        ctx.aug.reseed(seed)
-        self.set_lr(state.global_step)
-        batch = ctx.train_store.collate(batch_ids)
-        bns = batchnorm_modules(ctx.model)
-        out, stepped, _, budget_spent = training_step(ctx, batch, bns, state.global_step,
-                                                      stop_vote=time_budget_spent(p, state.train_seconds))
-        if not stepped:
-            state.skipped_steps += 1
-        self.last_loss = float(out.loss.detach())
-        state.train_seconds += time.time() - t0
-        return budget_spent
-
-    def log_step(self) -> None:
-        ctx, state = self.ctx, self.state
-        loss = float(ctx.world.average(torch.tensor([self.last_loss], dtype=torch.float64), name="elastic.loss"))
-        if ctx.world.is_main:
-            log.info("epoch %d step %d loss %.3f lr %.2e workers %d", state.epoch, state.global_step, loss,
-                     ctx.optimizer.param_groups[0]["lr"], ctx.world.size)
-
-
-def full_dev_store(args: argparse.Namespace, params: TrainParams, ctx: Context) -> None:
-    """The whole dev set on every worker; evaluate_dev takes each rank's share, whatever the size."""
-    dev = sorted((u for u in read_manifest(args.manifest) if u.split == "dev"), key=lambda u: u.id)
-    if params.dev_max_utterances:
-        dev = dev[: params.dev_max_utterances]
-    ctx.dev_store = AudioStore(dev, ctx.vocab)
-    ctx.dev_ids = ctx.dev_store.ids()
+    def commit_hook(self, ctx: Context, ts: TrainState, record: StepRecord) -> None:
+        if ts.global_step % self.commit_every == 0:
+            self.commit(ts)
 
 
 def resume_locally(ctx: Context) -> TrainState:
@@ -270,52 +199,28 @@ def main(argv: list[str] | None = None) -> int:
     params = TrainParams.from_config(json.loads(args.params.read_text()))
     ctx = build_context(args, params, world)
     ctx.archive_stale_checkpoints = args.archive_stale_checkpoints
-    full_dev_store(args, params, ctx)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     trainer = ElasticTrainer(ctx, own.commit_every)
     log.info("worker pid %d on %s: rank %d of %d (elastic), device %s, %d parameters, %d batches/epoch/rank",
              os.getpid(), socket.gethostname(), world.rank, world.size, ctx.device, count_parameters(ctx.model),
              len(ctx.sampler))
     trainer.initial_state(resume_locally(ctx))
-    trainer.run()
-    state = trainer.train_state()
+    state = trainer.run()
     state.finished = True
     state.stop_reason = state.stop_reason or f"{params.epochs} epochs done"
     if world.is_main:
         save(ctx, state, is_best=False)
-        model_path = args.out_dir / "model.pt"
-        export_model(ctx, state, model_path)
-        summary = {"variant": params.variant, "stop_reason": state.stop_reason, "global_step": state.global_step,
-                   "epochs": state.epoch, "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
-                   "best_dev_loss": state.best_dev_loss, "history": state.history, "world_size": world.size,
-                   "elastic": {"resets": trainer.resets, "world_sizes": trainer.world_sizes,
-                               "commit_every": own.commit_every},
-                   "precision": str(ctx.amp_dtype or "fp32"), "parameters": count_parameters(ctx.model)}
-        write_json(args.out_dir / "train_summary.json", summary)
-        track(args, params, ctx, state, summary, model_path)
-        log.info("done: %s (%d reset(s), world sizes %s)", state.stop_reason, trainer.resets, trainer.world_sizes)
+        # One MLflow run for the whole elastic training, opened by the final rank 0 (ranks change on a
+        # reset); the per-epoch dev scores are replayed into it at their steps.
+        with tracked_run(args, ctx, extra_tags={"asrflow.elastic": "true"}) as tracker:
+            for entry in state.history:
+                tracker.metrics({k: v for k, v in entry.items() if k not in ("epoch", "step")}, step=entry["step"])
+            tracker.metrics({"elastic_resets": trainer.resets})
+            finish(args, ctx, state, tracker, extra={"elastic": {"resets": trainer.resets, "world_sizes": trainer.world_sizes,
+                                                                  "commit_every": own.commit_every}})
+        log.info("%d reset(s), world sizes %s", trainer.resets, trainer.world_sizes)
     world.shutdown()
     return 0
-
-
-def track(args: argparse.Namespace, params: TrainParams, ctx: Context, state: TrainState, summary: dict,
-          model_path: Path) -> None:
-    """One MLflow run for the whole elastic training, written at the end by the final rank 0."""
-    from asrflow.tracking import StepRun, resolve_tracking_uri
-
-    run_config = json.loads(args.run_config.read_text()) if args.run_config else {}
-    with StepRun("train", run_config, args.experiment, resolve_tracking_uri(args.tracking_uri),
-                 run_name=f"train[{params.variant}]", extra_tags={"asrflow.variant": params.variant,
-                                                                  "asrflow.elastic": "true"}) as tracker:
-        tracker.params({f"train.{k}": v for k, v in params.to_dict().items()} |
-                       {"world_size": ctx.world.size, "backend": ctx.world.backend, "device": str(ctx.device),
-                        "parameters": count_parameters(ctx.model)})
-        for entry in state.history:
-            tracker.metrics({k: v for k, v in entry.items() if k not in ("epoch", "step")}, step=entry["step"])
-        tracker.metrics({"skipped_steps_total": state.skipped_steps, "best_dev_loss": state.best_dev_loss,
-                         "elastic_resets": summary["elastic"]["resets"]})
-        tracker.artifact(args.out_dir / "train_summary.json")
-        log_pytorch_model(tracker, model_path)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import torch
 import torchaudio
 from torch import nn
 
+from asrflow.audio import FEATURE_HOP_MS, SAMPLE_RATE
+
 LOG_EPS = 1e-6  # added to mel energies before the log; keeps digital silence at a finite, modest floor
 
 
@@ -34,7 +36,7 @@ class LogMel(nn.Module):
     spectrum overflows and loses the low-energy bins).
     """
 
-    def __init__(self, n_mels: int = 80, sample_rate: int = 16000, win_ms: float = 25.0, hop_ms: float = 10.0,
+    def __init__(self, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, win_ms: float = 25.0, hop_ms: float = FEATURE_HOP_MS,
                  n_fft: int | None = None):
         super().__init__()
         self.n_mels = int(n_mels)

@@ -195,16 +195,21 @@ class ConformerEncoder(nn.Module):
             for layer in self.conformer.conformer_layers:
                 _check_conv_module_layout(layer)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor,
+                after_layer: "Callable[[int, torch.Tensor], torch.Tensor] | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``after_layer(i, h)`` (h batch-first) may read and replace layer i's output (1-based): the
+        intermediate-CTC head reads it, self-conditioning adds its predictions back."""
         pad_mask = _padding_mask(lengths, x.size(1))  # (B, T), True = padding
         layer_fn = self._masked_layer_forward if self.mask_conv_padding else self._plain_layer_forward
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         h = x.transpose(0, 1)  # torchaudio's layers are time-major (T, B, D)
-        for layer in self.conformer.conformer_layers:
+        for i, layer in enumerate(self.conformer.conformer_layers, 1):
             if use_ckpt:
                 h = checkpointed(functools.partial(layer_fn, layer), layer, h, pad_mask)
             else:
                 h = layer_fn(layer, h, pad_mask)
+            if after_layer is not None:
+                h = after_layer(i, h.transpose(0, 1)).transpose(0, 1)
         return h.transpose(0, 1), lengths
 
     @staticmethod
@@ -259,7 +264,7 @@ class AcousticModel(nn.Module):
     """
 
     def __init__(self, frontend: ConvSubsampling, encoder: nn.Module, vocab_size: int, dropout: float = 0.1,
-                 cmvn: GlobalCMVN | None = None):
+                 cmvn: GlobalCMVN | None = None, inter_ctc_layer: int = 0, self_condition: bool = False):
         super().__init__()
         self.cmvn = cmvn
         self.frontend = frontend
@@ -267,6 +272,13 @@ class AcousticModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.output_dim, vocab_size)
         self.vocab_size = vocab_size
+        # Intermediate CTC (Lee & Watanabe 2021): a CTC head on layer `inter_ctc_layer`'s output, trained
+        # alongside the final one (see compute_loss); self-conditioning (Nozaki & Komatsu 2021) adds a
+        # projection of its predictions back into the encoder. Inference uses the final head only.
+        self.inter_ctc_layer = int(inter_ctc_layer)
+        self.inter_head = nn.Linear(encoder.output_dim, vocab_size) if self.inter_ctc_layer else None
+        self.condition = nn.Linear(vocab_size, encoder.output_dim) if self.inter_ctc_layer and self_condition else None
+        self.intermediate_log_probs: torch.Tensor | None = None  # of the last forward pass, for the loss
 
     @property
     def subsampling_factor(self) -> int:
@@ -281,15 +293,29 @@ class AcousticModel(nn.Module):
         if self.cmvn is not None and not normalized:
             feats = self.cmvn(feats, feat_lens)
         x, lens = self.frontend(feats, feat_lens)
-        x, lens = self.encoder(x, lens)
+        self.intermediate_log_probs = None
+        if self.inter_head is None:
+            x, lens = self.encoder(x, lens)
+        else:
+            x, lens = self.encoder(x, lens, after_layer=self._intermediate)
         logits = self.head(self.dropout(x))
         return logits.float().log_softmax(-1), lens
+
+    def _intermediate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        if layer != self.inter_ctc_layer:
+            return h
+        log_probs = self.inter_head(h).float().log_softmax(-1)
+        self.intermediate_log_probs = log_probs
+        if self.condition is not None:
+            h = h + self.condition(log_probs.exp().to(h.dtype))
+        return h
 
 
 CONFORMER_DEFAULTS: dict[str, Any] = {
     "d_model": 144, "num_heads": 4, "ffn_dim": 576, "num_layers": 6, "kernel_size": 15, "dropout": 0.1,
     "subsampling": 4, "subsampling_channels": 64, "use_group_norm": False, "convolution_first": False,
     "mask_conv_padding": True, "gradient_checkpointing": False,
+    "inter_ctc_layer": 0, "self_condition": False,  # intermediate CTC head on this layer (0: off)
 }
 BILSTM_DEFAULTS: dict[str, Any] = {
     "d_model": 192, "hidden_size": 192, "num_layers": 3, "dropout": 0.1,
@@ -346,7 +372,11 @@ def build_model(cfg: dict[str, Any], vocab_size: int, n_mels: int, cmvn: GlobalC
     else:
         encoder = BiLSTMEncoder(c["d_model"], hidden_size=c["hidden_size"], num_layers=c["num_layers"],
                                 dropout=c["dropout"], gradient_checkpointing=c["gradient_checkpointing"])
-    return AcousticModel(frontend, encoder, vocab_size, dropout=c["dropout"], cmvn=cmvn)
+    inter = int(c.get("inter_ctc_layer", 0))
+    if inter and not 0 < inter < c["num_layers"]:
+        raise ValueError(f"inter_ctc_layer must be between 1 and num_layers - 1 = {c['num_layers'] - 1}, got {inter}")
+    return AcousticModel(frontend, encoder, vocab_size, dropout=c["dropout"], cmvn=cmvn, inter_ctc_layer=inter,
+                         self_condition=bool(c.get("self_condition", False)))
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -38,8 +38,12 @@ class TrainParams:
     keep_last: int = 3
     early_stopping_patience: int = 0     # epochs without dev-loss improvement; 0: off
     threads_per_rank: int = 1
+    loader_workers: int = 1              # DataLoader worker processes per rank reading audio (0: in-process)
+    prefetch_factor: int = 4             # batches each worker reads ahead
+    persistent_workers: bool = True      # keep workers across epochs (no re-fork per epoch)
     log_every: int = 10
     dev_max_utterances: int = 0          # 0: the whole dev set
+    train_cer_utterances: int = 100      # training utterances scored like dev each epoch (train vs dev CER); 0: off
     seed: int = 1234
 
     @classmethod
@@ -61,6 +65,7 @@ class TrainParams:
         Stopping criteria (epochs, steps, time, patience) may change between a run and its resume."""
         spec = self.to_dict()
         for k in ("epochs", "max_steps", "time_budget_minutes", "early_stopping_patience", "log_every",
-                  "checkpoint_every_steps", "keep_last", "threads_per_rank", "dev_max_utterances"):
+                  "checkpoint_every_steps", "keep_last", "threads_per_rank", "dev_max_utterances",
+                  "loader_workers", "prefetch_factor", "persistent_workers", "train_cer_utterances"):
             spec.pop(k)
         return {"params": spec, "vocab": vocab_symbols, "plan": plan_digest}

@@ -1,4 +1,5 @@
-"""Mixed precision: choosing a dtype, autocast, GradScaler, and an optimizer step that skips non-finite updates.
+"""Mixed precision: choosing a dtype, autocast and the GradScaler. The step that skips non-finite
+updates is the trainer's one ``training_step``.
 
 Policy of ``resolve_precision``:
 
@@ -26,9 +27,7 @@ measures it as "mixed").
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable
+from typing import ContextManager
 
 import torch
 
@@ -84,67 +83,3 @@ def autocast_context(device: str | torch.device, dtype: torch.dtype | None) -> C
 def make_grad_scaler(enabled: bool, device: str | torch.device) -> torch.amp.GradScaler:
     """A GradScaler; disabled ones are pass-throughs, so the training loop needs no branches."""
     return torch.amp.GradScaler(_device(device).type, enabled=enabled)
-
-
-@dataclass
-class StepStats:
-    """Counters kept by ``step_with_nonfinite_guard``."""
-
-    steps: int = 0
-    skipped_nonfinite_loss: int = 0
-    skipped_nonfinite_grad: int = 0
-
-    @property
-    def skipped(self) -> int:
-        return self.skipped_nonfinite_loss + self.skipped_nonfinite_grad
-
-
-def step_with_nonfinite_guard(
-    loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    params: Iterable[torch.nn.Parameter],
-    max_grad_norm: float | None,
-    stats: StepStats | None = None,
-    after_backward: Callable[[], None] | None = None,
-    step_context: Callable[[], ContextManager] | None = None,
-) -> tuple[bool, float]:
-    """Backward, unscale, clip, and step unless the loss or the gradient norm is non-finite.
-
-    Returns (stepped, grad_norm before clipping; NaN when the loss was non-finite). Gradients are
-    zeroed at the end either way, so a skipped step leaves weights, optimizer state and gradients as if
-    the batch never happened. With an fp16 GradScaler a skip also backs the scale off (an overflow is
-    exactly what the scaler expects to see now and then).
-
-    Backward always runs, even for a non-finite loss: in data-parallel training every rank must join
-    the same gradient all-reduce, and the non-finite values it spreads make every rank skip together.
-    For Horovod pass ``after_backward=optimizer.synchronize`` and ``step_context=optimizer.skip_synchronize``
-    so gradients are reduced before they are unscaled and clipped. One optimizer update per call (no
-    gradient accumulation).
-    """
-    stats = stats if stats is not None else StepStats()
-    params = [p for p in params if p.requires_grad]
-    scaler = scaler if scaler is not None else make_grad_scaler(False, "cpu")
-    loss_finite = bool(torch.isfinite(loss.detach()).all())
-
-    scaler.scale(loss).backward()
-    if after_backward is not None:
-        after_backward()
-    scaler.unscale_(optimizer)
-    max_norm = float(max_grad_norm) if max_grad_norm and max_grad_norm > 0 else math.inf
-    # error_if_nonfinite=False: a non-finite norm is reported, not raised; the grads are then discarded
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False))
-
-    stepped = loss_finite and math.isfinite(grad_norm)
-    if stepped:
-        with (step_context() if step_context is not None else contextlib.nullcontext()):
-            scaler.step(optimizer)  # still skips by itself if unscale_ found inf/nan
-        stats.steps += 1
-    elif not loss_finite:
-        stats.skipped_nonfinite_loss += 1
-        grad_norm = float("nan")
-    else:
-        stats.skipped_nonfinite_grad += 1
-    scaler.update()  # after unscale_, this backs the scale off if inf/nan was found, grows it otherwise
-    optimizer.zero_grad(set_to_none=True)
-    return stepped, grad_norm

@@ -2,26 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from asrflow.manifest import read_manifest, write_json
-from asrflow.prep.bucketing import BucketBatchSampler, BucketPlan
+from asrflow.audio import SAMPLE_RATE
 from asrflow.text import CharVocab
-from asrflow.train.data import AudioStore, dialect_class_weights
+from asrflow.train.data import BatchLoader, UtteranceIndex, dialect_class_weights
 from asrflow.train.distributed import init_distributed
 from asrflow.train.features import GlobalCMVN, LogMel
 from asrflow.train.losses import build_ctc_loss
 from asrflow.train.models import build_model, count_parameters
 from asrflow.train.params import TrainParams
 from asrflow.train.precision import make_grad_scaler, resolve_precision
-from asrflow.train.trainer import Context, build_augmenters, fit
+from asrflow.train.sampler import BucketBatchSampler, BucketPlan
+from asrflow.train.trainer import Context, TrainState, build_augmenters, fit
 
 log = logging.getLogger("asrflow.train")
 
@@ -72,11 +75,20 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     plan_text = args.plan.read_text()
     plan = BucketPlan.from_dict(json.loads(plan_text))
     utts = read_manifest(args.manifest)
-    train_store = AudioStore([u for u in utts if u.id in plan.durations], vocab)
     dev = sorted((u for u in utts if u.split == "dev"), key=lambda u: u.id)
     if params.dev_max_utterances:
         dev = dev[: params.dev_max_utterances]
-    dev_store = AudioStore(dev, vocab)  # evaluate_dev gives each rank its share
+    dev_ids = {u.id for u in dev}
+    # metadata only (the plan's training utterances and the dev set); audio is read by the loader
+    index = UtteranceIndex(u for u in utts if u.id in plan.durations or u.id in dev_ids)
+    missing = set(plan.durations) - set(index.meta)
+    if missing:
+        raise ValueError(f"{args.plan}: {len(missing)} planned utterance(s) not in {args.manifest}, "
+                         f"e.g. {sorted(missing)[:3]}: rebuild the plan (rule bucketing)")
+    del utts
+    loader = BatchLoader(index, vocab, workers=params.loader_workers,
+                         prefetch_factor=params.prefetch_factor, persistent_workers=params.persistent_workers,
+                         pin_memory=device.type == "cuda")
     cmvn = GlobalCMVN.load(args.cmvn)
     torch.manual_seed(params.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
     model = build_model(params.model, len(vocab), params.n_mels, cmvn=cmvn).to(device)
@@ -90,7 +102,7 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
                                  bucketed=params.bucketing, sortagrad_epochs=params.sortagrad_epochs)
     weights = None
     if params.class_weight_power:
-        weights = dialect_class_weights([u.dialect for u in train_store.utts.values()], params.class_weight_power)
+        weights = dialect_class_weights([index[u].dialect for u in plan.durations], params.class_weight_power)
     loss_cfg = dict(params.loss)
     spec = params.fingerprint_spec(vocab.identity(), hashlib.sha256(plan_text.encode()).hexdigest()[:16])
     return Context(
@@ -98,9 +110,16 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
         scaler=make_grad_scaler(use_scaler, device), amp_dtype=amp_dtype,
         loss_fn=build_ctc_loss(loss_cfg.get("kind", "smoothed"), float(loss_cfg.get("smoothing", 0.1))),
         eval_loss_fn=build_ctc_loss("plain"), logmel=LogMel(params.n_mels).to(device),
-        aug=build_augmenters(params, args.noise), sampler=sampler, train_store=train_store,
-        dev_store=dev_store, dev_ids=dev_store.ids(), class_weights=weights,
+        aug=build_augmenters(params, args.noise), sampler=sampler, index=index, loader=loader,
+        dev_ids=sorted(dev_ids), train_probe_ids=train_probe_ids(plan, params), class_weights=weights,
         total_steps=params.max_steps or params.epochs * len(sampler), out_dir=args.out_dir, spec=spec)
+
+
+def train_probe_ids(plan: BucketPlan, params: TrainParams) -> list[str]:
+    """``train_cer_utterances`` training utterances, spread evenly over the sorted ids (fixed per plan)."""
+    ids = sorted(plan.durations)
+    n = min(len(ids), params.train_cer_utterances)
+    return [ids[round(i * len(ids) / n)] for i in range(n)] if n else []
 
 
 def export_model(ctx: Context, state, path: Path) -> None:
@@ -109,7 +128,7 @@ def export_model(ctx: Context, state, path: Path) -> None:
     weights = torch.load(best, map_location="cpu", weights_only=False)["model"] if best.exists() else ctx.model.state_dict()
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"model": weights, "model_config": ctx.params.model, "n_mels": ctx.params.n_mels,
-                "vocab": ctx.vocab.to_dict(), "sample_rate": 16000, "params": ctx.params.to_dict(),
+                "vocab": ctx.vocab.to_dict(), "sample_rate": SAMPLE_RATE, "params": ctx.params.to_dict(),
                 "history": state.history}, tmp)
     os.replace(tmp, path)
 
@@ -122,44 +141,68 @@ def main(argv: list[str] | None = None) -> int:
     ctx = build_context(args, params, world)
     ctx.archive_stale_checkpoints = args.archive_stale_checkpoints
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("world: %d rank(s) over %s, device %s, precision %s, %d parameters, %d batches/epoch/rank",
-             world.size, world.backend, ctx.device, ctx.amp_dtype or "fp32", count_parameters(ctx.model), len(ctx.sampler))
-    tracker = None
-    if world.is_main:
-        from asrflow.tracking import StepRun, resolve_tracking_uri
-
-        run_config = json.loads(args.run_config.read_text()) if args.run_config else {}
-        tracker = StepRun("train", run_config, args.experiment, resolve_tracking_uri(args.tracking_uri),
-                          run_name=f"train[{params.variant}]", extra_tags={"asrflow.variant": params.variant},
-                          system_metrics=True).__enter__()
-        tracker.params({f"train.{k}": v for k, v in params.to_dict().items()} |
-                       {"world_size": world.size, "backend": world.backend, "device": str(ctx.device),
-                        "parameters": count_parameters(ctx.model)})
+    log.info("world: %d rank(s) over %s, device %s, precision %s, %d parameters, %d batches/epoch/rank, "
+             "%d loader worker(s)", world.size, world.backend, ctx.device, ctx.amp_dtype or "fp32",
+             count_parameters(ctx.model), len(ctx.sampler), params.loader_workers)
+    # rank 0 records the run; `with` closes it (FAILED) whatever raises, the export included
+    with (tracked_run(args, ctx) if world.is_main else contextlib.nullcontext()) as tracker:
         ctx.tracker = tracker
-        if sys.stderr.isatty():
+        if tracker is not None and sys.stderr.isatty():
             from tqdm import tqdm
             ctx.progress = tqdm(total=ctx.total_steps, desc=f"train[{params.variant}]")
-    try:
         state = fit(ctx)
-    except BaseException as exc:
-        if tracker is not None:
-            tracker.__exit__(type(exc), exc, None)
-        raise
-    if world.is_main:
-        model_path = args.out_dir / "model.pt"
-        export_model(ctx, state, model_path)
-        summary = {"variant": params.variant, "stop_reason": state.stop_reason, "global_step": state.global_step,
-                   "epochs": state.epoch, "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
-                   "best_dev_loss": state.best_dev_loss, "history": state.history, "world_size": world.size,
-                   "precision": str(ctx.amp_dtype or "fp32"), "parameters": count_parameters(ctx.model)}
-        write_json(args.out_dir / "train_summary.json", summary)
+        if world.is_main:
+            finish(args, ctx, state, tracker)
+    world.shutdown()
+    return 0
+
+
+def tracked_run(args: argparse.Namespace, ctx: Context, extra_tags: dict[str, str] | None = None):
+    """The training run's MLflow run (a StepRun), with the recipe and the world as params."""
+    from asrflow.tracking import StepRun, resolve_tracking_uri
+
+    params = ctx.params
+    run_config = json.loads(args.run_config.read_text()) if args.run_config else {}
+    run = StepRun("train", run_config, args.experiment, resolve_tracking_uri(args.tracking_uri),
+                  run_name=f"train[{params.variant}]", extra_tags={"asrflow.variant": params.variant, **(extra_tags or {})},
+                  system_metrics=True)
+
+    @contextlib.contextmanager
+    def opened():
+        with run as tracker:
+            tracker.params({f"train.{k}": v for k, v in params.to_dict().items()} |
+                           {"world_size": ctx.world.size, "backend": ctx.world.backend, "device": str(ctx.device),
+                            "parameters": count_parameters(ctx.model)})
+            log_inputs(tracker, args)
+            yield tracker
+    return opened()
+
+
+def log_inputs(tracker, args: argparse.Namespace) -> None:
+    """What the model was trained from, as MLflow datasets with digests: its lineage, readable from MLflow."""
+    tracker.dataset(args.manifest, "train_manifest", "training")
+    for name, path in (("bucket_plan", args.plan), ("vocab", args.vocab), ("cmvn", args.cmvn), ("noise", args.noise)):
+        if path is not None:
+            tracker.file_input(path, name, "training")
+
+
+def finish(args: argparse.Namespace, ctx: Context, state: TrainState, tracker, extra: dict[str, Any] | None = None) -> None:
+    """Rank 0, after training: the exported model, ``train_summary.json``, and their MLflow records.
+    The one end of every training mode (normal and elastic)."""
+    params = ctx.params
+    model_path = args.out_dir / "model.pt"
+    export_model(ctx, state, model_path)
+    summary = {"variant": params.variant, "stop_reason": state.stop_reason, "global_step": state.global_step,
+               "epochs": state.epoch, "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
+               "best_dev_loss": state.best_dev_loss, "history": state.history, "world_size": ctx.world.size,
+               "precision": str(ctx.amp_dtype or "fp32"), "parameters": count_parameters(ctx.model),
+               "loader_workers": params.loader_workers, **(extra or {})}
+    write_json(args.out_dir / "train_summary.json", summary)
+    if tracker is not None:
         tracker.metrics({"skipped_steps_total": state.skipped_steps, "best_dev_loss": state.best_dev_loss})
         tracker.artifact(args.out_dir / "train_summary.json")
         log_pytorch_model(tracker, model_path)
-        tracker.__exit__(None, None, None)
-        log.info("done: %s", state.stop_reason)
-    world.shutdown()
-    return 0
+    log.info("done: %s", state.stop_reason)
 
 
 def log_pytorch_model(tracker, model_path: Path) -> None:

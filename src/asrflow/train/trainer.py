@@ -10,19 +10,19 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
-from asrflow.prep.bucketing import BucketBatchSampler
 from asrflow.text import CharVocab
 from asrflow.train.augment import NoiseInjector, SpecAugment, SpeedPerturb
 from asrflow.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint)
-from asrflow.train.data import AudioStore, Batch, load_noise
+from asrflow.train.data import Batch, BatchLoader, UtteranceIndex
 from asrflow.train.distributed import World, average_batchnorm_statistics
 from asrflow.train.features import LogMel
 from asrflow.train.models import batchnorm_modules
 from asrflow.train.params import TrainParams
+from asrflow.train.sampler import BucketBatchSampler
 from asrflow.train.precision import autocast_context
 
 log = logging.getLogger("asrflow.train")
@@ -82,7 +82,7 @@ def learning_rate(params: TrainParams, step: int, total_steps: int, world_size: 
 def build_augmenters(params: TrainParams, noise_manifest: Path | None) -> Augmenters:
     noise = None
     if params.noise.get("enabled") and noise_manifest is not None:
-        noise = NoiseInjector(load_noise(noise_manifest, "train"), snr_db=tuple(params.noise["snr_db"]),
+        noise = NoiseInjector.from_noise_manifest(noise_manifest, "train", snr_db=tuple(params.noise["snr_db"]),
                               p=float(params.noise["p"]), seed=params.seed)
     speed = SpeedPerturb(params.speed_perturb["factors"], seed=params.seed) if params.speed_perturb.get("enabled") else None
     spec = None
@@ -100,7 +100,8 @@ def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmente
         waves = aug.noise(waves, lens).waves
     if aug is not None and aug.speed is not None:
         waves, lens, _ = aug.speed(waves, lens)
-    feats, feat_lens = logmel(waves.to(device), lens.to(device))
+    frontend = getattr(model, "wave_frontend", None) or logmel  # a pretrained encoder brings its own
+    feats, feat_lens = frontend(waves.to(device, non_blocking=True), lens.to(device, non_blocking=True))
     if model.cmvn is not None:
         feats = model.cmvn(feats, feat_lens)
     if aug is not None and aug.specaug is not None:
@@ -108,17 +109,20 @@ def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmente
     return feats, feat_lens
 
 
-def compute_loss(model, loss_fn, batch: Batch, logmel, aug, device, amp_dtype, weights):
+def compute_loss(model, loss_fn, batch: Batch, logmel, aug, device, amp_dtype, weights, inter_ctc_weight: float = 0.0):
+    """The training loss of one batch; with an intermediate CTC head (``model.inter_ctc_layer``),
+    (1 - w)·loss(final) + w·loss(intermediate), as Lee & Watanabe (2021) train it."""
     feats, feat_lens = features(batch, logmel, model, aug, device)
     with autocast_context(device, amp_dtype):
         log_probs, out_lens = model(feats, feat_lens, normalized=True)
     w = torch.tensor([weights[d] for d in batch.dialects], device=device) if weights else None
-    return loss_fn(log_probs.float(), out_lens, batch.targets.to(device), batch.target_lens.to(device), w)
-
-
-def all_ranks_finite(value: torch.Tensor, world: World) -> bool:
-    """A non-finite loss on any rank must make every rank skip, or allreduce would wait forever."""
-    return agree_on_step(value, world)[0]
+    targets, target_lens = batch.targets.to(device), batch.target_lens.to(device)
+    out = loss_fn(log_probs.float(), out_lens, targets, target_lens, w)
+    inter = getattr(model, "intermediate_log_probs", None)
+    if inter is not None and inter_ctc_weight > 0:
+        aux = loss_fn(inter, out_lens, targets, target_lens, w)
+        out.loss = (1 - inter_ctc_weight) * out.loss + inter_ctc_weight * aux.loss
+    return out
 
 
 def agree_on_step(value: torch.Tensor, world: World, stop_vote: bool = False) -> tuple[bool, bool]:
@@ -139,18 +143,29 @@ def augmenters_at(ctx: "Context", step: int) -> Augmenters | None:
     return ctx.aug if step >= ctx.params.augment_after_steps else None
 
 
-def training_step(ctx: "Context", batch: Batch, bns: list, step: int = 0,
-                  stop_vote: bool = False) -> tuple[Any, bool, torch.Tensor, bool]:
-    """Loss, backward, allreduce, clipped optimizer step; returns (loss output, stepped, grad norm,
-    stop): ``stop`` is rank 0's ``stop_vote``, agreed by every rank (see ``agree_on_step``).
+@dataclass
+class StepOutcome:
+    out: Any                   # the loss output (loss, ctc, smooth)
+    stepped: bool              # False: skipped on every rank (non-finite loss or gradient)
+    grad_norm: torch.Tensor    # NaN when skipped before backward
+    stop: bool                 # rank 0's stop vote, agreed by every rank
 
-    A non-finite loss (on any rank) or gradient norm skips the step everywhere, and the batch leaves no
-    trace: the forward pass also moved BatchNorm statistics (to NaN, if it blew up), so they are restored.
+
+def training_step(ctx: "Context", batch: Batch, step: int = 0, stop_vote: bool = False) -> StepOutcome:
+    """The one optimizer step of every mode (normal, elastic, benchmark): loss, the all-ranks finite
+    check, backward, gradient allreduce, unscale, clip, step.
+
+    Skip policy: a non-finite loss on any rank skips the step on every rank before backward (agreed in
+    one allreduce, which also carries rank 0's ``stop_vote``); a non-finite gradient norm (the same on
+    every rank after the allreduce) skips the update. A skipped batch leaves no trace: weights,
+    optimizer state, and BatchNorm running statistics (which the forward pass already moved, maybe to
+    NaN) are as if it never happened. With an fp16 GradScaler a skipped update backs the scale off.
     """
     world, opt = ctx.world, ctx.optimizer
+    bns = ctx.batchnorms
     bn_saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
     out = compute_loss(ctx.model, ctx.loss_fn, batch, ctx.logmel, augmenters_at(ctx, step), ctx.device, ctx.amp_dtype,
-                       ctx.class_weights)
+                       ctx.class_weights, float(ctx.params.loss.get("inter_ctc_weight", 0.0)))
     opt.zero_grad()
     stepped, grad_norm = False, torch.tensor(float("nan"))
     finite, stop = agree_on_step(out.loss.detach(), world, stop_vote)
@@ -165,66 +180,122 @@ def training_step(ctx: "Context", batch: Batch, bns: list, step: int = 0,
             stepped = True
         ctx.scaler.update()
     if not stepped:
+        opt.zero_grad()
         with torch.no_grad():
             for m, (mean, var, count) in zip(bns, bn_saved):
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
-    return out, stepped, grad_norm, stop
+    return StepOutcome(out, stepped, grad_norm, stop)
 
 
-def train_one_epoch(ctx: "Context", state: TrainState) -> bool:
-    """Run the rest of ``state.epoch``; returns False when a stop criterion fired mid-epoch."""
-    p, world, model, opt = ctx.params, ctx.world, ctx.model, ctx.optimizer
-    ctx.sampler.set_epoch(state.epoch)
-    batches = list(ctx.sampler)
-    model.train()
-    window = {"utts": 0.0, "audio": 0.0, "loss": 0.0, "ctc": 0.0, "smooth": 0.0, "n": 0.0, "t0": time.time(), "grad": 0.0}
-    bns = batchnorm_modules(model)
-    for index in range(state.batch_in_epoch, len(batches)):
-        t_step = time.time()
-        seed = step_seed(p, state.epoch, index, world.rank)
-        torch.manual_seed(seed)  # dropout
-        ctx.aug.reseed(seed)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(p, state.global_step, ctx.total_steps, world.size, state.train_seconds)
-        batch = ctx.train_store.collate(batches[index])
-        out, stepped, grad_norm, budget_spent = training_step(ctx, batch, bns, state.global_step,
-                                                              stop_vote=time_budget_spent(p, state.train_seconds))
-        if not stepped:
-            state.skipped_steps += 1
+@dataclass
+class StepRecord:
+    """What one step of ``run_batches`` did, for its hooks (elastic commits, benchmark timing)."""
+    index: int                 # the batch's position in the list given to run_batches
+    batch: Batch
+    outcome: StepOutcome
+    step_seconds: float        # wall time of the whole step, loader wait included
+    loader_wait_seconds: float
+    cpu_seconds: float
+
+
+StepHook = Callable[["Context", TrainState, StepRecord], None]
+
+
+def prepare_step(ctx: "Context", state: TrainState, index: int) -> None:
+    """Per-step seeds (dropout, noise, masks, speed) from (seed, epoch, batch, rank), and the LR."""
+    seed = step_seed(ctx.params, state.epoch, index, ctx.world.rank)
+    torch.manual_seed(seed)
+    ctx.aug.reseed(seed)
+    lr = learning_rate(ctx.params, state.global_step, ctx.total_steps, ctx.world.size, state.train_seconds)
+    for group in ctx.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def run_batches(ctx: "Context", state: TrainState, batches: Sequence[Sequence[str]],
+                hooks: Sequence[StepHook] = ()) -> bool:
+    """The one epoch loop: ``batches[state.batch_in_epoch:]``, one ``training_step`` each, then logging,
+    checkpoints and the stop criteria. Returns False when a stop criterion fired before the end.
+
+    Normal training passes the sampler's epoch; elastic training the same, with a commit hook; the
+    benchmark its own schedule, with a timing hook.
+    """
+    p, world = ctx.params, ctx.world
+    ctx.model.train()
+    window = Window()
+    start = state.batch_in_epoch
+    if start >= len(batches):
+        return True
+    ctx.loader.take_wait()
+    t_step, c_step = time.perf_counter(), time.process_time()
+    for index, batch in enumerate(ctx.loader.batches(batches[start:]), start):
+        wait = ctx.loader.take_wait()
+        prepare_step(ctx, state, index)
+        outcome = training_step(ctx, batch, state.global_step, stop_vote=time_budget_spent(p, state.train_seconds))
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        now, cpu_now = time.perf_counter(), time.process_time()
+        record = StepRecord(index, batch, outcome, now - t_step, wait, cpu_now - c_step)
+        t_step, c_step = now, cpu_now
+        state.skipped_steps += 0 if outcome.stepped else 1
         state.batch_in_epoch = index + 1
         state.global_step += 1
-        state.train_seconds += time.time() - t_step
-        window["utts"] += len(batch.ids)
-        window["audio"] += batch.audio_seconds
-        window["loss"] += float(out.loss.detach())
-        window["ctc"] += float(out.ctc.detach())
-        window["smooth"] += float(out.smooth.detach())
-        window["grad"] += float(grad_norm) if torch.isfinite(grad_norm) else 0.0
-        window["n"] += 1
+        state.train_seconds += record.step_seconds
+        window.add(record)
         if state.global_step % p.log_every == 0 or index == len(batches) - 1:
             log_window(ctx, state, window)
-            window = {k: 0.0 for k in window} | {"t0": time.time()}
+            window = Window()
         if world.is_main and p.checkpoint_every_steps and state.global_step % p.checkpoint_every_steps == 0:
             save(ctx, state, is_best=False)
-        if should_stop(ctx, state, budget_spent):
+        for hook in hooks:
+            hook(ctx, state, record)
+        if should_stop(ctx, state, outcome.stop):
             return False
     return True
 
 
-def log_window(ctx: "Context", state: TrainState, w: dict[str, float]) -> None:
-    totals = ctx.world.sum(torch.tensor([w["utts"], w["audio"], w["loss"], w["n"]], dtype=torch.float64), name="window")
-    elapsed = max(1e-6, time.time() - w["t0"])
+def train_one_epoch(ctx: "Context", state: TrainState, hooks: Sequence[StepHook] = ()) -> bool:
+    """The rest of ``state.epoch`` under the bucket sampler; False when a stop criterion fired."""
+    ctx.sampler.set_epoch(state.epoch)
+    return run_batches(ctx, state, list(ctx.sampler), hooks)
+
+
+class Window:
+    """Sums over the steps between two log lines."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.utts = self.audio = self.loss = self.ctc = self.smooth = self.grad = self.wait = self.step_s = 0.0
+        self.n = 0
+
+    def add(self, r: StepRecord) -> None:
+        out = r.outcome.out
+        self.utts += len(r.batch.ids)
+        self.audio += r.batch.audio_seconds
+        self.loss += float(out.loss.detach())
+        self.ctc += float(out.ctc.detach())
+        self.smooth += float(out.smooth.detach())
+        self.grad += float(r.outcome.grad_norm) if torch.isfinite(r.outcome.grad_norm) else 0.0
+        self.wait += r.loader_wait_seconds
+        self.step_s += r.step_seconds
+        self.n += 1
+
+
+def log_window(ctx: "Context", state: TrainState, w: Window) -> None:
+    totals = ctx.world.sum(torch.tensor([w.utts, w.audio, w.loss, w.n], dtype=torch.float64), name="window")
+    elapsed = max(1e-6, time.perf_counter() - w.t0)
     n = max(1.0, float(totals[3]))
-    metrics = {"train_loss": float(totals[2]) / n, "train_ctc": w["ctc"] / max(1, w["n"]),
-               "train_smooth": w["smooth"] / max(1, w["n"]), "grad_norm": w["grad"] / max(1, w["n"]),
-               "lr": ctx.optimizer.param_groups[0]["lr"], "utt_per_s": float(totals[0]) / elapsed,
-               "audio_s_per_s": float(totals[1]) / elapsed, "skipped_steps": state.skipped_steps,
+    steps = max(1, w.n)
+    metrics = {"train_loss": float(totals[2]) / n, "train_ctc": w.ctc / steps, "train_smooth": w.smooth / steps,
+               "grad_norm": w.grad / steps, "lr": ctx.optimizer.param_groups[0]["lr"],
+               "utt_per_s": float(totals[0]) / elapsed, "audio_s_per_s": float(totals[1]) / elapsed,
+               "loader_wait_share": w.wait / max(1e-9, w.step_s), "skipped_steps": state.skipped_steps,
                "epoch": state.epoch}
     if ctx.world.is_main:
-        log.info("epoch %d step %d loss %.3f lr %.2e %.1f utt/s skipped %d", state.epoch, state.global_step,
-                 metrics["train_loss"], metrics["lr"], metrics["utt_per_s"], state.skipped_steps)
+        log.info("epoch %d step %d loss %.3f lr %.2e %.1f utt/s loader wait %.1f%% skipped %d", state.epoch,
+                 state.global_step, metrics["train_loss"], metrics["lr"], metrics["utt_per_s"],
+                 100 * metrics["loader_wait_share"], state.skipped_steps)
         if ctx.tracker is not None:
             ctx.tracker.metrics(metrics, step=state.global_step)
         if ctx.progress is not None:
@@ -261,17 +332,17 @@ def should_stop(ctx: "Context", state: TrainState, budget_spent: bool | None = N
 
 
 @torch.no_grad()
-def evaluate_dev(ctx: "Context") -> dict[str, float]:
-    """Dev loss and greedy CER, each rank on its share of the dev set, summed over ranks."""
+def evaluate_dev(ctx: "Context", ids: Sequence[str] | None = None, prefix: str = "dev") -> dict[str, float]:
+    """Loss and greedy CER/WER on the dev set (or on ``ids``, e.g. the fixed training subset that tells
+    a data-limited model from a compute-limited one), each rank on its share, summed over ranks."""
     from asrflow.evaluate.decoding import greedy_decode
     from asrflow.evaluate.scoring import score_corpus
 
     model, world = ctx.model, ctx.world
     model.eval()
-    ids = ctx.dev_ids[world.rank::world.size]
+    ids = list(ctx.dev_ids if ids is None else ids)[world.rank::world.size]
     loss_sum, n, char_err, char_ref, word_err, word_ref = 0.0, 0, 0, 0, 0, 0
-    for start in range(0, len(ids), 16):
-        batch = ctx.dev_store.collate(ids[start:start + 16])
+    for batch in ctx.loader.batches([ids[start:start + 16] for start in range(0, len(ids), 16)]):
         feats, feat_lens = features(batch, ctx.logmel, model, None, ctx.device)
         with autocast_context(ctx.device, ctx.amp_dtype):
             log_probs, out_lens = model(feats, feat_lens, normalized=True)
@@ -279,7 +350,7 @@ def evaluate_dev(ctx: "Context") -> dict[str, float]:
         loss_sum += float(out.loss) * len(batch.ids)
         n += len(batch.ids)
         hyps = greedy_decode(log_probs.float().cpu(), out_lens.cpu(), ctx.vocab)
-        refs = [ctx.dev_store.utts[i].text for i in batch.ids]
+        refs = [ctx.index.text(i) for i in batch.ids]
         stats = score_corpus(refs, hyps)
         char_err += stats.chars.errors
         char_ref += stats.chars.ref_len
@@ -287,8 +358,8 @@ def evaluate_dev(ctx: "Context") -> dict[str, float]:
         word_ref += stats.words.ref_len
     totals = world.sum(torch.tensor([loss_sum, n, char_err, char_ref, word_err, word_ref], dtype=torch.float64), name="dev")
     model.train()
-    return {"dev_loss": float(totals[0] / max(1, totals[1])), "dev_cer": float(totals[2] / max(1, totals[3])),
-            "dev_wer": float(totals[4] / max(1, totals[5]))}
+    return {f"{prefix}_loss": float(totals[0] / max(1, totals[1])), f"{prefix}_cer": float(totals[2] / max(1, totals[3])),
+            f"{prefix}_wer": float(totals[4] / max(1, totals[5]))}
 
 
 @dataclass
@@ -306,9 +377,10 @@ class Context:
     logmel: LogMel
     aug: Augmenters
     sampler: BucketBatchSampler
-    train_store: AudioStore
-    dev_store: AudioStore
+    index: UtteranceIndex      # metadata of the training and dev utterances (no audio)
+    loader: BatchLoader        # reads batches of either in its workers
     dev_ids: list[str]
+    train_probe_ids: list[str]  # a fixed training subset scored like dev (clean, no augmentation)
     class_weights: dict[str, float] | None
     total_steps: int
     out_dir: Path
@@ -316,6 +388,10 @@ class Context:
     tracker: Any = None
     progress: Any = None
     archive_stale_checkpoints: bool = False
+
+    @property
+    def batchnorms(self) -> list:
+        return batchnorm_modules(self.model)
 
 
 def checkpoint_state(ctx: Context, state: TrainState) -> dict[str, Any]:
@@ -375,6 +451,8 @@ def end_of_epoch(ctx: Context, state: TrainState, partial: bool = False) -> bool
     if not ctx.params.sync_batchnorm:
         average_batchnorm_statistics(ctx.model, ctx.world)
     dev = evaluate_dev(ctx)
+    if ctx.train_probe_ids:
+        dev.update(evaluate_dev(ctx, ctx.train_probe_ids, prefix="train_clean"))
     improved = dev["dev_loss"] < state.best_dev_loss
     if improved:
         state.best_dev_loss = dev["dev_loss"]

@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from asrflow.prep.bucketing import (BucketBatchSampler, BucketPlan, build_plan, frames, padding_ratio,
-                                    plan_report, quantile_edges)
+from asrflow.prep.bucketing import build_plan, plan_report, quantile_edges
+from asrflow.train.sampler import BucketBatchSampler, BucketPlan, frames, padding_ratio
 
 
 def corpus(n=300, seed=0):
