@@ -50,13 +50,14 @@ DESTINATION_TAG = SYNC_TAG + "destination"  # the server an offline run was mean
 REMOTE_RUN_TAG = SYNC_TAG + "remote_run_id" # the server's copy, when the run started there and lost it mid-run
 
 # MLflow's defaults (7 retries, backoff factor 2, 120-s timeout) make every call to a server that is
-# down wait ~4 minutes before it fails. Here a call fails within ~3 s when the server refuses
-# connections (3 attempts, sleeps 0 s then 2 s + jitter) and within ~35 s when it does not answer at
-# all (3 x 10 s): the StepRun journal retries for as long as the run lasts, so MLflow's retries only need
-# to ride out a dropped connection. 10 s still fits a slow answer from a loaded server; uploads are
-# not cut short by it (it bounds each socket wait, not a whole request). Exported values win.
+# down wait ~4 minutes before it fails. Here a call to a server that refuses connections fails within
+# ~3 s (3 attempts, sleeps 0 s then 2 s + jitter): the StepRun journal retries for as long as the run
+# lasts, so MLflow's own retries only ride out a dropped connection or one 503. The timeout bounds each
+# socket wait (not a whole upload) and stays at 30 s: a loaded server (the tests' one on 2 busy cores)
+# was seen taking over 10 s to answer, and a server that answers nothing at all is caught at a run's
+# start by the 3-s probe, and mid-run by the journal, off the training's path. Exported values win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 PROBE_TIMEOUT = 3.0  # seconds for the reachability check (one GET of /health)
 TRACKED_PACKAGES = ("asrflow", "torch", "torchaudio", "mlflow", "snakemake", "horovod", "numpy", "soundfile",
                     "jiwer", "flashlight-text", "kenlm")
@@ -329,9 +330,12 @@ def apply_ops(client, run_id: str, experiment_id: str, ops: list[_Op], journal: 
                     break
                 if earlier.kind == "params":
                     run_params.update(earlier.data)
+            tags = dict(data["tags"])
+            begun = op.state.get("store", {}).get("model_id")
+            if sink != "store" and begun:  # the server holds an unfinished copy: the sync completes that one
+                tags[SYNC_TAG + "remote_model_id"] = begun
             upload_model(client, experiment_id, run_id, data["dir"], data["name"], data["step"],
-                         {**run_params, **data["params"]}, data["tags"], data["model_type"],
-                         op.state.setdefault(sink, {}))
+                         {**run_params, **data["params"]}, tags, data["model_type"], op.state.setdefault(sink, {}))
         elif kind == "end":
             client.set_terminated(run_id, data["status"], data["end_time"])
 

@@ -27,4 +27,5 @@ def step_run(smk: Any, step: str, run_name: str | None = None, **tags: str) -> S
     name = run_name or (step + "".join(f"[{v}]" for v in wildcards.values()))
     return StepRun(step=step, config=cfg, experiment=cfg["experiment"], tracking_uri=uri, run_name=name,
                    extra_tags={**{f"wildcard.{k}": v for k, v in wildcards.items()}, **tags},
-                   system_metrics=bool(cfg.get("mlflow", {}).get("system_metrics", False)) and step == "train")
+                   system_metrics=bool(cfg.get("mlflow", {}).get("system_metrics", False)) and step == "train",
+                   on_unreachable=cfg.get("mlflow", {}).get("on_unreachable"))
