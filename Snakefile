@@ -17,8 +17,6 @@ validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
 os.environ.setdefault("ASRFLOW_INVOCATION", uuid.uuid4().hex[:12])
 # What a job's MLflow run does when the tracking server does not answer at its start (asrflow.tracking).
 os.environ.update(ASRFLOW_MLFLOW_ON_UNREACHABLE=config["mlflow"].get("on_unreachable", "fail"))
-# What a job's MLflow run does when the tracking server does not answer at its start (asrflow.tracking).
-os.environ["ASRFLOW_MLFLOW_ON_UNREACHABLE"] = config["mlflow"].get("on_unreachable", "fail")
 
 # Jobs import the asrflow package from this checkout whatever their environment (venv, --sdm conda,
 # container), so the code that runs is the code of this commit.
@@ -29,24 +27,6 @@ os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(workflow
 if config.get("container"):
 
     container: config["container"]
-
-
-onstart:
-    # Before any job runs: an http(s) tracking server that does not answer stops the workflow here, in a
-    # few seconds, instead of failing every job after MLflow's retries (on_unreachable: local goes on).
-    import sys
-    from snakemake.exceptions import WorkflowError
-    from snakemake.logging import logger
-
-    sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-    from asrflow.tracking import TrackingUnreachable, check_at_start
-
-    try:
-        warning = check_at_start(config["mlflow"].get("tracking_uri"), config["mlflow"].get("on_unreachable", "fail"))
-    except TrackingUnreachable as e:
-        raise WorkflowError(str(e)) from None
-    if warning:
-        logger.warning(warning)
 
 
 onstart:
