@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -562,3 +563,51 @@ def test_bundled_whisper_tiny_en_matches_ctranslate2_encode():
     # float16 weights, 4 layers of float32 arithmetic in two libraries; activations reach ~10
     np.testing.assert_allclose(ours.numpy(), ref, atol=2e-3, rtol=0)
     assert np.abs(ours.numpy() - ref).max() / np.abs(ref).max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------- Horovod, 2 ranks
+
+def _write_tiny_ct2_whisper(folder, seed=0):
+    """A tiny random Whisper encoder as a CTranslate2 model.bin, written by our own writer (no transformers)."""
+    from asrflow.train.pretrained.whisper import WhisperEncoder, encoder_to_ct2_variables
+
+    torch.manual_seed(seed)
+    encoder = WhisperEncoder(80, 32, 2, 4, 64, 50)
+    _randomize(encoder, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_ct2_model_bin(folder / "model.bin", encoder_to_ct2_variables(encoder, 4))
+    return folder, encoder
+
+
+def test_own_ct2_writer_round_trip_without_ctranslate2(tmp_path):
+    folder, encoder = _write_tiny_ct2_whisper(tmp_path / "ct2")
+    model = build_model({"name": "whisper_encoder", "checkpoint": str(folder)}, VOCAB, 80).eval()
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_two_rank_horovod_run_trains_from_a_checkpoint_and_unfreezes_in_step(tmp_path):
+    """Frozen parameters stay bitwise unchanged on both ranks until the unfreeze; after it, with
+    register_unfrozen_parameters, the ranks stay identical (without it they drift apart); the loss falls."""
+    from . import trainer_fixtures as F
+
+    folder, _ = _write_tiny_ct2_whisper(tmp_path / "ct2")
+    out = tmp_path / "dump"
+    out.mkdir()
+    probe = [F.PYTHON, str(Path(__file__).with_name("pretrained_hvd_probe.py")), str(folder), str(out)]
+    result = F.run(F.horovodrun(2, probe), timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    reg = [r["registered"] for r in ranks]
+    frozen = [k for k in reg[0]["before"] if k.startswith(("encoder.conv1.", "encoder.conv2.", "encoder.layers.0."))]
+    assert frozen
+    for r in reg:
+        assert all(torch.equal(r["before"][k], r["at_unfreeze"][k]) for k in frozen)  # frozen for steps 0-2
+        assert r["registered"] > 0
+        assert r["losses"][-1] < r["losses"][0]
+    for k, v in reg[0]["after"].items():
+        assert torch.equal(v, reg[1]["after"][k]), k  # data-parallel: the ranks agree bitwise
+    assert any(not torch.equal(reg[0]["before"][k], reg[0]["after"][k]) for k in frozen)  # unfrozen: trained
+    control = [r["control"] for r in ranks]
+    assert any(not torch.equal(control[0]["after"][k], control[1]["after"][k]) for k in frozen)

@@ -20,7 +20,8 @@ The interface every such model adds to the AcousticModel one
   rebuilds the model without the checkpoint (``transcribe.load_model`` does).
 * ``model.output_lengths(feat_lens)``, ``model.subsampling_factor`` (output frames per front-end frame).
 
-Training helpers: :func:`apply_freeze_schedule`, :func:`param_groups` (:mod:`.freezing`) and
+Training helpers: :func:`apply_freeze_schedule`, :func:`param_groups`, :func:`register_unfrozen_parameters`
+(:mod:`.freezing`) and
 :func:`init_from_asrflow` (:mod:`.init_from`).
 """
 from __future__ import annotations
@@ -31,7 +32,12 @@ from typing import Any
 from torch import nn
 
 from asrflow.train.pretrained.checkpoints import CheckpointError
-from asrflow.train.pretrained.freezing import apply_freeze_schedule, frozen_parameters_at, param_groups
+from asrflow.train.pretrained.freezing import (
+    apply_freeze_schedule,
+    frozen_parameters_at,
+    param_groups,
+    register_unfrozen_parameters,
+)
 from asrflow.train.pretrained.init_from import InitReport, init_from_asrflow
 
 from asrflow.train.models import PRETRAINED_MODEL_NAMES  # noqa: E402  (one list, in models.py)
@@ -39,7 +45,7 @@ from asrflow.train.models import PRETRAINED_MODEL_NAMES  # noqa: E402  (one list
 __all__ = [
     "PRETRAINED_MODEL_NAMES", "CheckpointError", "InitReport", "apply_freeze_schedule", "build_pretrained_model",
     "bundled_whisper_tiny_en", "exportable_model_config", "frozen_parameters_at", "init_from_asrflow",
-    "param_groups", "resolve_pretrained_config", "waveform_frontend",
+    "param_groups", "register_unfrozen_parameters", "resolve_pretrained_config", "waveform_frontend",
 ]
 
 

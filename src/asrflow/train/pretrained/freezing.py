@@ -12,6 +12,10 @@ Works for every asrflow model: models without a pretrained part (``AcousticModel
 
 Frozen parameters get ``requires_grad = False``: no gradient is computed for them, so AdamW skips them
 (weight decay included) and they stay bitwise unchanged.
+
+Horovod: ``hvd.DistributedOptimizer`` hooks (and allreduces) only the parameters that required grad when
+it was built. After ``apply_freeze_schedule`` unfroze some, call :func:`register_unfrozen_parameters` on
+the wrapped optimizer, or each rank would update them with its own local gradient and the ranks drift apart.
 """
 from __future__ import annotations
 
@@ -97,3 +101,28 @@ def param_groups(model: nn.Module, lr_scale: float | None = None) -> list[dict[s
     if new:
         groups.append({"name": "new", "params": new, "lr_scale": 1.0})
     return groups
+
+
+def register_unfrozen_parameters(optimizer: Any) -> int:
+    """Hook parameters that now require grad into a Horovod ``DistributedOptimizer`` built while they were
+    frozen, as its constructor does for the others (Horovod 0.28's ``_register_hooks``, per parameter, so
+    the already hooked ones are not hooked twice). Returns how many were added; 0 for a plain optimizer.
+    Call it on every rank at the same step, right after ``apply_freeze_schedule`` returned True."""
+    requires = getattr(optimizer, "_requires_update", None)
+    if requires is None or not hasattr(optimizer, "_make_hook") or not hasattr(optimizer, "_grad_accs"):
+        return 0  # not Horovod's DistributedOptimizer: nothing to register
+    if getattr(optimizer, "_groups", None) is not None:
+        raise NotImplementedError("unfreezing under Horovod's grouped allreduce (groups=...) is not supported")
+    added = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and p not in requires:
+                requires.add(p)
+                optimizer._allreduce_delay.setdefault(p, optimizer.backward_passes_per_step)
+                grad_acc = p.expand_as(p).grad_fn.next_functions[0][0]
+                grad_acc.register_hook(optimizer._make_hook(p))
+                optimizer._grad_accs.append(grad_acc)
+                added += 1
+    if added:
+        log.info("registered %d unfrozen tensors with Horovod's DistributedOptimizer", added)
+    return added

@@ -404,6 +404,24 @@ def _split3(where: Path, name: str, value: torch.Tensor) -> tuple[torch.Tensor, 
     return tuple(t.contiguous() for t in value.chunk(3, dim=0))  # type: ignore[return-value]
 
 
+def encoder_to_ct2_variables(encoder: WhisperEncoder, num_heads: int) -> dict[str, Any]:
+    """The inverse of the CTranslate2 reader: ``encoder/*`` variables (float32, fused q/k/v with a zero key
+    bias) for :func:`~asrflow.train.pretrained.checkpoints.write_ct2_model_bin` (tests write tiny models)."""
+    sd = {k: v.detach().float() for k, v in encoder.state_dict().items()}
+    out: dict[str, Any] = {ct2: sd[ours] for ct2, ours in _CT2_TOP_NAMES.items()}
+    out["encoder/num_heads"] = int(num_heads)
+    for i in range(len(encoder.layers)):
+        pre = f"layers.{i}."
+        for ct2, ours in _CT2_LAYER_NAMES.items():
+            out[f"encoder/layer_{i}/{ct2}"] = sd[pre + ours]
+        out[f"encoder/layer_{i}/self_attention/linear_0/weight"] = torch.cat(
+            [sd[pre + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        out[f"encoder/layer_{i}/self_attention/linear_0/bias"] = torch.cat(
+            [sd[pre + "self_attn.q_proj.bias"], torch.zeros_like(sd[pre + "self_attn.q_proj.bias"]),
+             sd[pre + "self_attn.v_proj.bias"]])
+    return out
+
+
 def load_whisper_encoder_state(path: str | Path, fmt: str = "auto") -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
     """(architecture, float32 state dict for :class:`WhisperEncoder`, resolved format) from a local checkpoint."""
     p = require_path(path, "a Hugging Face or CTranslate2 Whisper folder")
