@@ -10,6 +10,7 @@ Medians over ``--repeats`` runs after two warm-up runs.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -47,7 +48,7 @@ def main() -> int:
     lens = torch.tensor([n])
     feats, feat_lens = model.wave_frontend(wave, lens)
     print(f"model {path} | {args.seconds:g} s = {feats.size(1)} frames -> {model.output_lengths(feat_lens).item()} "
-          f"encoder frames | torch {torch.__version__}")
+          f"encoder frames | torch {torch.__version__} | load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     try:
         import ctranslate2
     except ImportError:

@@ -158,6 +158,14 @@ def test_whisper_real_outputs_do_not_depend_on_padding(hf_whisper):
     torch.testing.assert_close(both[1, :19], alone[0], atol=1e-5, rtol=0)
 
 
+def test_whisper_clips_shorter_than_a_frame(hf_whisper):
+    model = build_model({"name": "whisper_encoder", "checkpoint": str(hf_whisper[0])}, VOCAB, 80).eval()
+    feats, feat_lens = model.wave_frontend(torch.randn(2, 100), torch.tensor([100, 50]))
+    assert feats.shape == (2, 0, 80) and feat_lens.tolist() == [0, 0]
+    log_probs, out_lens = model(feats, feat_lens)
+    assert out_lens.tolist() == [0, 0] and torch.isfinite(log_probs).all()
+
+
 def test_whisper_input_longer_than_30s_is_a_clear_error(hf_whisper):
     model = build_model({"name": "whisper_encoder", "checkpoint": str(hf_whisper[0])}, VOCAB, 80)
     with pytest.raises(ValueError, match="longer than the encoder"):

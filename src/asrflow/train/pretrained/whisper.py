@@ -118,6 +118,8 @@ class WhisperLogMel(nn.Module):
             x = F.pad(x[:, None], (half, 0), mode="reflect")[:, 0]  # centre frame 0 on sample 0
             spec = torch.stft(x, N_FFT, HOP_LENGTH, window=self.window, center=False, return_complex=True)
             n = int(frame_lens.max()) if frame_lens.numel() else 0
+            if n == 0:  # only clips shorter than one hop: no frames
+                return torch.zeros(waves.size(0), 0, self.n_mels, device=waves.device), frame_lens
             power = spec[..., :n].abs() ** 2  # (B, freqs, T)
             mel = torch.matmul(self.mel_filters, power)  # (B, mels, T)
             logmel = torch.log10(mel.clamp_min(LOG_FLOOR)).transpose(1, 2)  # (B, T, mels)
@@ -200,6 +202,8 @@ class WhisperEncoder(nn.Module):
         if (feats.size(1) + 1) // 2 > self.max_positions:
             raise ValueError(f"input of {feats.size(1)} frames is longer than the encoder's "
                              f"{2 * self.max_positions} ({self.max_positions} positions, 30 s for Whisper); split it")
+        if feats.size(1) == 0:  # no frames at all: one padded frame keeps the convolutions defined
+            feats = F.pad(feats, (0, 0, 0, 1))
         x = feats.transpose(1, 2)  # (B, n_mels, T)
         if self.mask_padding:
             in_mask = lengths_to_mask(lengths, x.size(-1))[:, None, :].to(x.dtype)
