@@ -158,6 +158,15 @@ def test_whisper_real_outputs_do_not_depend_on_padding(hf_whisper):
     torch.testing.assert_close(both[1, :19], alone[0], atol=1e-5, rtol=0)
 
 
+def test_cached_encoder_outputs_give_the_same_log_probs(hf_whisper):
+    model = build_model({"name": "whisper_encoder", "checkpoint": str(hf_whisper[0]), "freeze": "all",
+                         "head_lstm_layers": 1, "head_lstm_hidden": 8}, VOCAB, 80).eval()
+    x, lens = _feats(40, batch=2), torch.tensor([40, 23])
+    with torch.no_grad():
+        hidden, hidden_lens = model.encode(x, lens)  # what a cache would store
+        torch.testing.assert_close(model.forward_encoded(hidden, hidden_lens)[0], model(x, lens)[0])
+
+
 def test_whisper_clips_shorter_than_a_frame(hf_whisper):
     model = build_model({"name": "whisper_encoder", "checkpoint": str(hf_whisper[0])}, VOCAB, 80).eval()
     feats, feat_lens = model.wave_frontend(torch.randn(2, 100), torch.tensor([100, 50]))

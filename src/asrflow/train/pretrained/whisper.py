@@ -267,7 +267,16 @@ class WhisperCTC(nn.Module):
     def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor,
                 normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``feats``: ``wave_frontend``'s output (optionally SpecAugmented); ``normalized`` is ignored (no CMVN)."""
-        x, lens = self.encoder(feats, feat_lens)
+        return self.forward_encoded(*self.encode(feats, feat_lens))
+
+    def encode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pretrained part alone: (hidden (B, T', d_model), out_lens). With ``freeze: all`` its output
+        can be cached once and the head trained on it with :meth:`forward_encoded`."""
+        return self.encoder(feats, feat_lens)
+
+    def forward_encoded(self, hidden: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable head on (possibly cached) ``encode`` output -> (log_probs fp32, out_lens)."""
+        x = hidden
         if self.head_lstm is not None:
             x, lens = self.head_lstm(x, lens)
         logits = self.head(self.dropout(x))
