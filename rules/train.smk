@@ -41,6 +41,8 @@ rule train:
         train_json=lambda wc: shlex.quote(json.dumps(variant_train_params(wc.variant))),
         # what defines this run, for MLflow; not the whole config, whose unrelated keys would retrain
         run_config=lambda wc: shlex.quote(json.dumps(train_run_config(wc.variant))),
+        # what prep did to every waveform; exported with the model, so transcribe does the same
+        frontend=shlex.quote(json.dumps({k: config["prep"][k] for k in ("sample_rate", "target_rms_dbfs", "peak_ceiling_dbfs")})),
         launch=lambda wc: horovod_launch(wc.variant)[0],
         program=lambda wc: horovod_launch(wc.variant)[1],
         hosts_env=hosts_file_env(),
@@ -64,9 +66,11 @@ rule train:
         mkdir -p {params.out_dir}
         printf '%s' {params.train_json} > {params.out_dir}/params.json
         printf '%s' {params.run_config} > {params.out_dir}/run_config.json
+        printf '%s' {params.frontend} > {params.out_dir}/frontend.json
         {params.hosts_env} horovodrun {params.launch} {params.extra} \
           {params.program} --manifest {input.manifest} --plan {input.plan} --vocab {input.vocab} \
           --cmvn {input.cmvn} --noise {input.noise} --out-dir {params.out_dir} --experiment {params.experiment} \
           --tracking-uri={params.tracking} --log-dir logs/train/{wildcards.variant}.ranks --archive-stale-checkpoints \
-          --params {params.out_dir}/params.json --run-config {params.out_dir}/run_config.json > {log} 2>&1
+          --params {params.out_dir}/params.json --run-config {params.out_dir}/run_config.json \
+          --frontend {params.out_dir}/frontend.json > {log} 2>&1
         """

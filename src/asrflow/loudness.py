@@ -20,7 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-DEFAULT_SAMPLE_RATE = 16000
+from asrflow.audio import SAMPLE_RATE as DEFAULT_SAMPLE_RATE  # the one owner of the rate
+
 DEFAULT_TARGET_RMS_DBFS = -23.0
 DEFAULT_PEAK_CEILING_DBFS = -1.0
 

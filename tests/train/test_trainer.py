@@ -504,6 +504,9 @@ def test_bpe_units_train_export_and_transcribe(setup, tmp_path):
     assert state.skipped_steps == 0
     (tmp_path / "out").mkdir(exist_ok=True)
     export_model(ctx, state, tmp_path / "out" / "model.pt")
+    # the waveform front end prep applied travels with the model (transcribe applies the same)
+    assert torch.load(tmp_path / "out" / "model.pt", weights_only=False)["frontend"] == {
+        "sample_rate": 16000, "target_rms_dbfs": -23.0, "peak_ceiling_dbfs": -1.0}
     model = load_model(tmp_path / "out" / "model.pt")
     assert isinstance(model.vocab, BpeVocab) and model.vocab.identity() == bpe.identity()
     (hyp,) = transcribe(model, [first.audio])

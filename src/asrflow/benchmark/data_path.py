@@ -6,8 +6,8 @@ LibriSpeech-size manifest, and our sampler against lhotse's ``DynamicBucketingSa
         --params params.json --out results/benchmark/data_path.json --md results/benchmark/data_path.md
 
 Every training measurement runs the real trainer (``build_context`` + ``run_batches``) in a fresh
-process, and memory is the peak, sampled every 50 ms, of the RSS summed over the rank's process tree
-(the rank and its loader workers; shared pages count in each, so the sum is an upper bound).
+process, and memory is the peak, sampled every 100 ms, of the rank's RSS plus its loader workers'
+unique memory (USS: what each holds beyond the pages it shares with the rank).
 """
 from __future__ import annotations
 
@@ -36,9 +36,11 @@ LIBRISPEECH_UTTERANCES = 281_241  # train-clean-100 + train-clean-360 + train-ot
 
 
 class TreeMemory:
-    """Peak RSS of this process plus its children (loader workers), sampled in a thread."""
+    """Peak memory of this process (RSS) plus its children's (loader workers') unique memory (USS),
+    sampled in a thread. Forked workers share the rank's pages until they write them; USS counts only
+    what a worker holds alone, so shared pages are not counted twice."""
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.1):
         self.interval, self.peak, self.peak_self = interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -49,7 +51,7 @@ class TreeMemory:
         total = own
         for child in me.children(recursive=True):
             try:
-                total += child.memory_info().rss
+                total += child.memory_full_info().uss
             except psutil.Error:
                 pass
         self.peak, self.peak_self = max(self.peak, total), max(self.peak_self, own)
@@ -326,8 +328,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     scale = next(k for k in m if k.startswith("x") and k != "x1")
     lines = ["# The training data path", "",
              f"Real training steps ({r['steps']} per run, 1 rank, {m['x1']['loader_workers']} loader worker); "
-             "memory = peak RSS of the rank plus its loader workers.", "",
-             "| corpus | utterances | peak RSS, rank + workers (MB) | rank alone (MB) | loader wait / step time | mean step (s) |",
+             "memory = peak RSS of the rank plus its loader workers' unique memory (USS).", "",
+             "| corpus | utterances | peak memory, rank + workers (MB) | rank alone, RSS (MB) | loader wait / step time | mean step (s) |",
              "|---|---|---|---|---|---|"]
     for k in ("x1", scale):
         p = m[k]
@@ -341,14 +343,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         s = r["startup"]
         lines += [f"## Start-up on a LibriSpeech-size manifest ({s['utterances']} utterances, frame budget "
                   f"{s['frame_budget']})", "",
-                  "| rank | start to first batch (s) | planning one epoch (s) | batches/epoch/rank | peak RSS, rank + workers (MB) |",
+                  "| rank | start to first batch (s) | planning one epoch (s) | batches/epoch/rank | peak memory, rank + workers (MB) |",
                   "|---|---|---|---|---|"]
         for p in s["ranks"]:
             lines.append(f"| {p['rank']} | {fmt(p['start_to_first_batch_s'])} | {fmt(p['plan_epoch_s'], 2)} | "
                          f"{p['batches_per_epoch_per_rank']} | {fmt(p['peak_rss_tree_mb'], 0)} |")
         lines += ["", f"Padding of the plan: {100 * s['plan_padding_ratio']:.2f}%.", ""]
     lines += ["## Our sampler against lhotse's DynamicBucketingSampler (same utterances and budget)", "",
-              "| manifest | sampler | padding | batches/epoch per rank | utterances/epoch | planning (s) | peak traced memory (MB) |",
+              "| manifest | sampler | padding | batches/epoch per rank | utterances/epoch | planning every rank's epoch, under tracemalloc (s) | peak traced memory (MB) |",
               "|---|---|---|---|---|---|---|"]
     for name, c in r["lhotse"].items():
         for who in ("asrflow", "lhotse"):

@@ -65,8 +65,12 @@ class UtteranceIndex:
     """id -> metadata for some utterances; no audio. One small frozen record per utterance."""
 
     def __init__(self, utterances: Iterable[Utterance]):
-        self.meta: dict[str, UtteranceMeta] = {
-            u.id: UtteranceMeta(str(u.audio), u.text, sys.intern(u.dialect), float(u.duration)) for u in utterances}
+        self.meta: dict[str, UtteranceMeta] = {}
+        for u in utterances:
+            self.add(u)
+
+    def add(self, u: Utterance) -> None:
+        self.meta[u.id] = UtteranceMeta(str(u.audio), u.text, sys.intern(u.dialect), float(u.duration))
 
     def __len__(self) -> int:
         return len(self.meta)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from asrflow.manifest import read_manifest, write_json
+from asrflow.manifest import iter_manifest, write_json
 from asrflow.audio import SAMPLE_RATE
 from asrflow.text import CharVocab
 from asrflow.train.data import BatchLoader, UtteranceIndex, dialect_class_weights
@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--run-config", type=Path, default=None,
                     help="JSON file of the resolved workflow config, recorded as MLflow params")
     ap.add_argument("--log-dir", type=Path, default=None, help="per-rank log files go here")
+    ap.add_argument("--frontend", type=Path, default=None,
+                    help="JSON of the waveform front end prep applied (asrflow.loudness.Frontend: sample rate, "
+                         "loudness target and ceiling); exported with the model so inference applies the same")
     ap.add_argument("--archive-stale-checkpoints", action="store_true",
                     help="move checkpoints of another configuration aside and start fresh (the workflow's "
                          "rerun after a recipe change) instead of refusing them")
@@ -74,18 +77,24 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     vocab = CharVocab.load(args.vocab)
     plan_text = args.plan.read_text()
     plan = BucketPlan.from_dict(json.loads(plan_text))
-    utts = read_manifest(args.manifest)
-    dev = sorted((u for u in utts if u.split == "dev"), key=lambda u: u.id)
+    # One streaming pass over the manifest, keeping metadata only (the plan's training utterances and
+    # the dev set): no list of every utterance, and no audio, which the loader workers read.
+    index, dev = UtteranceIndex(()), []
+    for u in iter_manifest(args.manifest):
+        if u.id in plan.durations:
+            index.add(u)
+        elif u.split == "dev":
+            dev.append(u)
+    dev = sorted(dev, key=lambda u: u.id)
     if params.dev_max_utterances:
         dev = dev[: params.dev_max_utterances]
+    for u in dev:
+        index.add(u)
     dev_ids = {u.id for u in dev}
-    # metadata only (the plan's training utterances and the dev set); audio is read by the loader
-    index = UtteranceIndex(u for u in utts if u.id in plan.durations or u.id in dev_ids)
-    missing = set(plan.durations) - set(index.meta)
-    if missing:
+    if len(index) < len(plan.durations) + len(dev_ids):
+        missing = set(plan.durations) - set(index.meta)
         raise ValueError(f"{args.plan}: {len(missing)} planned utterance(s) not in {args.manifest}, "
                          f"e.g. {sorted(missing)[:3]}: rebuild the plan (rule bucketing)")
-    del utts
     loader = BatchLoader(index, vocab, workers=params.loader_workers,
                          prefetch_factor=params.prefetch_factor, persistent_workers=params.persistent_workers,
                          pin_memory=device.type == "cuda")
@@ -105,7 +114,13 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
         weights = dialect_class_weights([index[u].dialect for u in plan.durations], params.class_weight_power)
     loss_cfg = dict(params.loss)
     spec = params.fingerprint_spec(vocab.identity(), hashlib.sha256(plan_text.encode()).hexdigest()[:16])
+    from asrflow.loudness import Frontend
+
+    frontend = Frontend.from_dict(json.loads(args.frontend.read_text()) if args.frontend else None)
+    if frontend.sample_rate != SAMPLE_RATE:
+        raise ValueError(f"{args.frontend}: sample rate {frontend.sample_rate}, the trainer needs {SAMPLE_RATE}")
     return Context(
+        frontend=frontend,
         params=params, world=world, device=device, vocab=vocab, model=model, optimizer=optimizer,
         scaler=make_grad_scaler(use_scaler, device), amp_dtype=amp_dtype,
         loss_fn=build_ctc_loss(loss_cfg.get("kind", "smoothed"), float(loss_cfg.get("smoothing", 0.1))),
@@ -129,7 +144,7 @@ def export_model(ctx: Context, state, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"model": weights, "model_config": ctx.params.model, "n_mels": ctx.params.n_mels,
                 "vocab": ctx.vocab.to_dict(), "sample_rate": SAMPLE_RATE, "params": ctx.params.to_dict(),
-                "history": state.history}, tmp)
+                "frontend": ctx.frontend.to_dict(), "history": state.history}, tmp)
     os.replace(tmp, path)
 
 

@@ -385,6 +385,7 @@ class Context:
     total_steps: int
     out_dir: Path
     spec: dict[str, Any]
+    frontend: Any = None       # asrflow.loudness.Frontend: what prep did to the waveforms; exported with the model
     tracker: Any = None
     progress: Any = None
     archive_stale_checkpoints: bool = False
