@@ -21,15 +21,22 @@ from asrflow.train.models import build_model
 from asrflow.train.pretrained import bundled_whisper_tiny_en
 
 
-def median_s(fn, repeats: int) -> float:
+def median_s(fn, repeats: int) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) per call. On a shared machine the CPU time of a
+    1-thread run is the better estimate of the uncontended wall time."""
     for _ in range(2):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def ms(t: tuple[float, float]) -> str:
+    return f"{t[0] * 1000:.1f} ms (cpu {t[1] * 1000:.1f} ms)"
 
 
 def main() -> int:
@@ -58,12 +65,12 @@ def main() -> int:
         with torch.inference_mode():
             t_fe = median_s(lambda: model.wave_frontend(wave, lens), args.repeats)
             t_enc = median_s(lambda: model.encoder(feats, feat_lens), args.repeats)
-        line = f"threads {threads}: front end {t_fe * 1000:.1f} ms | encoder forward {t_enc * 1000:.1f} ms"
+        line = f"threads {threads}: front end {ms(t_fe)} | encoder forward {ms(t_enc)}"
         if ctranslate2 is not None:
             ct = ctranslate2.models.Whisper(str(path), device="cpu", compute_type="float32", intra_threads=threads)
             sv = np.ascontiguousarray(feats.transpose(1, 2).numpy())
             t_ct = median_s(lambda: ct.encode(ctranslate2.StorageView.from_array(sv), to_cpu=True), args.repeats)
-            line += f" | ctranslate2 encode {t_ct * 1000:.1f} ms"
+            line += f" | ctranslate2 encode {ms(t_ct)}"
         if args.train_batch:
             model.train()
             b = args.train_batch
@@ -76,7 +83,7 @@ def main() -> int:
             t_tr = median_s(step, max(2, args.repeats // 3))
             model.zero_grad(set_to_none=True)
             model.eval()
-            line += f" | train fwd+bwd x{b} {t_tr * 1000:.0f} ms"
+            line += f" | train fwd+bwd x{b} {ms(t_tr)}"
         print(line)
     return 0
 

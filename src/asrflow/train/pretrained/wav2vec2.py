@@ -310,8 +310,9 @@ def read_wav2vec2_arch(c: dict[str, Any]) -> tuple[dict[str, Any] | None, bool |
         try:
             import transformers
 
-            hf_cfg = transformers.AutoConfig.for_model(**cfg)
-        except Exception:  # noqa: BLE001 - fall back to the raw fields
+            fields = {k: v for k, v in cfg.items() if k != "model_type"}
+            hf_cfg = transformers.AutoConfig.for_model(cfg["model_type"], **fields)
+        except Exception:  # noqa: BLE001 - fall back to the raw fields (save_pretrained writes them all)
             hf_cfg = SimpleNamespace(**cfg)
         arch = _get_config(hf_cfg)
         arch["extractor_conv_layer_config"] = [list(x) for x in arch["extractor_conv_layer_config"]]
