@@ -341,10 +341,10 @@ def test_param_groups_give_the_pretrained_part_a_lower_lr(ct2_whisper):
     model = build_model({"name": "whisper_encoder", "checkpoint": str(ct2_whisper), "pretrained_lr_scale": 0.05,
                          "freeze": "all"}, VOCAB, 80)
     groups = param_groups(model)
-    assert [(g["name"], g["lr_scale"]) for g in groups] == [("pretrained", 0.05), ("new", 1.0)]
+    assert [(g["name"], g["lr_scale"]) for g in groups] == [("new", 1.0), ("pretrained", 0.05)]
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # frozen ones included, each once
-    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.encoder.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.encoder.parameters()}
     scratch = build_model({"name": "conformer", "d_model": 16, "num_heads": 2, "ffn_dim": 16, "num_layers": 1,
                            "subsampling_channels": 4}, VOCAB, 20)
     assert [(g["name"], g["lr_scale"]) for g in param_groups(scratch)] == [("new", 1.0)]
@@ -449,7 +449,7 @@ def test_wav2vec2_frozen_feature_encoder_lower_lr_and_masking(hf_w2v):
                          "mask_time_prob": 0.5, "mask_time_length": 4}, VOCAB, 80)
     cnn0 = _snapshot(model.wav2vec2.feature_extractor)
     layer0 = _snapshot(model.wav2vec2.encoder.transformer.layers[0])
-    assert [(g["name"], g["lr_scale"]) for g in param_groups(model)] == [("pretrained", 0.1), ("new", 1.0)]
+    assert [(g["name"], g["lr_scale"]) for g in param_groups(model)] == [("new", 1.0), ("pretrained", 0.1)]
     feats, lens = model.wave_frontend(torch.randn(2, 8000) * 0.1, torch.tensor([8000, 6000]))
     _train_steps(model, feats, lens, 2)
     assert all(torch.equal(v, model.wav2vec2.encoder.transformer.layers[0].state_dict()[k]) for k, v in layer0.items())

@@ -85,7 +85,7 @@ def pretrained_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def param_groups(model: nn.Module, lr_scale: float | None = None) -> list[dict[str, Any]]:
-    """Optimizer groups: ``[{"name": "pretrained", "params", "lr_scale"}, {"name": "new", "params", "lr_scale": 1}]``.
+    """Optimizer groups: ``[{"name": "new", "params", "lr_scale": 1}, {"name": "pretrained", "params", "lr_scale"}]``.
 
     Every parameter is in a group, frozen ones too, so that unfreezing needs no new optimizer groups.
     ``lr_scale`` defaults to the model config's ``pretrained_lr_scale``. Groups without parameters are
@@ -95,11 +95,11 @@ def param_groups(model: nn.Module, lr_scale: float | None = None) -> list[dict[s
     pre = pretrained_parameters(model)
     pre_ids = {id(p) for p in pre}
     new = [p for p in model.parameters() if id(p) not in pre_ids]
-    groups = []
-    if pre:
-        groups.append({"name": "pretrained", "params": pre, "lr_scale": scale})
+    groups = []  # "new" first: param_groups[0]["lr"] stays the schedule's LR (what the trainer logs)
     if new:
         groups.append({"name": "new", "params": new, "lr_scale": 1.0})
+    if pre:
+        groups.append({"name": "pretrained", "params": pre, "lr_scale": scale})
     return groups
 
 
