@@ -64,4 +64,3 @@ rule all:
         evaluations(),
         "results/report/ablations.md",
         "results/benchmark/benchmark.md",
-        "results/benchmark/data_path.md",

@@ -44,7 +44,8 @@ rule benchmark:
 rule data_path_benchmark:
     """The training data path measured: rank memory at 1x and 10x the corpus, loader wait, one reader's
     decoded audio-s/s, start-up on a LibriSpeech-size manifest on every rank, and our sampler against
-    lhotse's DynamicBucketingSampler on the same manifests."""
+    lhotse's DynamicBucketingSampler on the same manifest. A few minutes on 2 cores, so it is not part of
+    the default target: `snakemake results/benchmark/data_path.md`."""
     input:
         manifest="results/prep/truncated.jsonl",
         plan="results/prep/buckets.json",

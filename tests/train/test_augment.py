@@ -138,3 +138,19 @@ def test_explicit_generator_gives_same_draws_as_seed():
     a = SpeedPerturb(generator=torch.Generator().manual_seed(9)).train()(waves, lens)
     b = SpeedPerturb(seed=9).train()(waves, lens)
     assert torch.equal(a[0], b[0])
+
+
+def test_noisy_speech_is_renormalized_to_the_level_inference_gives_it():
+    """Inference loudness-normalizes the (noisy) recording it gets; training renormalizes after mixing."""
+    from asrflow.loudness import Frontend, active_rms_dbfs
+    from asrflow.train.trainer import renormalize
+
+    g = torch.Generator().manual_seed(0)
+    waves = torch.zeros(2, 32000)
+    waves[0, :24000] = 0.05 * torch.randn(24000, generator=g)  # a mix 3 dB hotter than the target, say
+    waves[1, :32000] = 0.01 * torch.randn(32000, generator=g)
+    lens = torch.tensor([24000, 32000])
+    out = renormalize(waves, lens, Frontend(target_rms_dbfs=-23.0))
+    for row, n in enumerate(lens.tolist()):
+        assert abs(active_rms_dbfs(out[row, :n].numpy(), 16000) - (-23.0)) < 0.05
+    assert not out[0, 24000:].any(), "padding stays silent"
