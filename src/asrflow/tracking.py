@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -118,6 +119,8 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT) -> str | None:
     except urllib.error.HTTPError:
         return None  # it answered: an auth proxy or a server without /health is still a server
     except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):
+            return None  # it answered; trusting its certificate is MLflow's business (MLFLOW_TRACKING_*)
         return str(e.reason)
     except (OSError, ValueError) as e:
         return str(e) or type(e).__name__
@@ -358,9 +361,10 @@ class StepRun:
     """One MLflow run for one workflow step. Use as a context manager.
 
     Records are kept in a journal and written by a background thread (under the store lock for SQLite),
-    so no call waits on the store; ``__exit__`` waits until they are written: for a server, at most
-    ``flush_timeout`` seconds ($ASRFLOW_MLFLOW_FLUSH_TIMEOUT, default 60) after the server stopped
-    answering, then the whole run goes to the local store for ``asrflow-mlflow-sync``.
+    so no call waits on the store; ``__exit__`` waits until they are written (a store busy with other
+    writers is waited for), but once the store has failed, at most ``flush_timeout`` seconds
+    ($ASRFLOW_MLFLOW_FLUSH_TIMEOUT, default 60; counted from the run's end at the earliest): then the
+    whole run goes to the local store for ``asrflow-mlflow-sync``.
 
     ``uri`` is the store the run is written to: ``tracking_uri``, or the local store when the server was
     unreachable at the start and ``on_unreachable`` is ``local`` (then ``offline`` is true and
@@ -430,8 +434,8 @@ class StepRun:
                 self._closing = True
                 self._cv.notify_all()
             self._wake.set()
-            # a server gets flush_timeout; the local store is waited for, as its lock always was
-            if not self._wait_written(self.flush_timeout if is_remote(self.uri) else None):
+            # waiting for the SQLite lock is not an outage: only a store that fails starts the clock
+            if not self._wait_written(self.flush_timeout):
                 with self._cv:
                     self._abandoned = True
                     self._cv.notify_all()
@@ -583,11 +587,15 @@ class StepRun:
             return True
 
     def _copy_to_local(self) -> None:
-        """The server has not come back: the whole run, from the journal, into the local store."""
+        """The store has not come back: the whole run, from the journal, into the local store."""
         from mlflow.tracking import MlflowClient
 
         local = local_store_uri()
         remote_id = self.run.info.run_id
+        if local == self.uri:
+            log.error("MLflow: the local store %s kept failing (%s); %d records of run %s are lost", local,
+                      self._outage_error[:300], len(self._pending), remote_id)
+            return
         try:
             client = MlflowClient(local)
             with store_lock(local):
