@@ -32,6 +32,18 @@ mkdir -p "$WORK" "$ASRFLOW_CACHE/pip-image"
 
 say() { printf '\n== %s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { echo "make image needs $1 (apt-get install buildah podman mmdebstrap runc)" >&2; exit 1; }; }
+
+# The tools, from Debian (buildah builds, podman runs, runc is the runtime scripts/container_run.sh
+# falls back to, mmdebstrap makes the base).
+tools=(buildah podman runc mmdebstrap)
+missing=()
+for t in "${tools[@]}"; do command -v "$t" >/dev/null || missing+=("$t"); done
+if ((${#missing[@]})) && command -v apt-get >/dev/null; then
+  say "Debian packages ${missing[*]}"
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 need buildah
 
 commit=$(git rev-parse HEAD)
