@@ -125,7 +125,7 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
         scaler=make_grad_scaler(use_scaler, device), amp_dtype=amp_dtype,
         loss_fn=build_ctc_loss(loss_cfg.get("kind", "smoothed"), float(loss_cfg.get("smoothing", 0.1))),
         eval_loss_fn=build_ctc_loss("plain"), logmel=LogMel(params.n_mels).to(device),
-        aug=build_augmenters(params, args.noise), sampler=sampler, index=index, loader=loader,
+        aug=build_augmenters(params, args.noise, frontend), sampler=sampler, index=index, loader=loader,
         dev_ids=sorted(dev_ids), train_probe_ids=train_probe_ids(plan, params), class_weights=weights,
         total_steps=params.max_steps or params.epochs * len(sampler), out_dir=args.out_dir, spec=spec)
 

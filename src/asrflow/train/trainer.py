@@ -48,6 +48,9 @@ class Augmenters:
     noise: NoiseInjector | None
     speed: SpeedPerturb | None
     specaug: SpecAugment | None
+    # prep's loudness normalization, applied again after noise is mixed in: inference normalizes the
+    # noisy recording it is given, so training must see noisy speech at that level too
+    frontend: Any = None
 
     def reseed(self, seed: int) -> None:
         """Per-step seeds: a resumed run draws exactly what an uninterrupted one would have."""
@@ -79,7 +82,7 @@ def learning_rate(params: TrainParams, step: int, total_steps: int, world_size: 
     return peak * (params.min_lr_ratio + (1 - params.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_augmenters(params: TrainParams, noise_manifest: Path | None) -> Augmenters:
+def build_augmenters(params: TrainParams, noise_manifest: Path | None, frontend: Any = None) -> Augmenters:
     noise = None
     if params.noise.get("enabled") and noise_manifest is not None:
         noise = NoiseInjector.from_noise_manifest(noise_manifest, "train", snr_db=tuple(params.noise["snr_db"]),
@@ -89,7 +92,15 @@ def build_augmenters(params: TrainParams, noise_manifest: Path | None) -> Augmen
     if params.specaugment.get("enabled"):
         opts = {k: v for k, v in params.specaugment.items() if k != "enabled"}
         spec = SpecAugment(**opts, seed=params.seed)
-    return Augmenters(noise, speed, spec)
+    return Augmenters(noise, speed, spec, frontend if noise is not None else None)
+
+
+def renormalize(waves: torch.Tensor, lens: torch.Tensor, frontend: Any) -> torch.Tensor:
+    """Each utterance's real samples loudness-normalized as inference does (asrflow.loudness)."""
+    out = waves.clone()
+    for row, n in enumerate(lens.tolist()):
+        out[row, :n] = torch.from_numpy(frontend.normalize(waves[row, :n].numpy()))
+    return out
 
 
 def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmenters | None, device: torch.device):
@@ -98,6 +109,8 @@ def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmente
     waves, lens = batch.waves, batch.wave_lens
     if aug is not None and aug.noise is not None:
         waves = aug.noise(waves, lens).waves
+        if aug.frontend is not None:
+            waves = renormalize(waves, lens, aug.frontend)
     if aug is not None and aug.speed is not None:
         waves, lens, _ = aug.speed(waves, lens)
     frontend = getattr(model, "wave_frontend", None) or logmel  # a pretrained encoder brings its own
