@@ -449,7 +449,7 @@ class StepRun:
                           self.run.info.run_id)
         finally:
             self._open = False
-            self._release_fluent_run()
+            self._release_fluent_run(status)
             for d in self._tmpdirs:
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -488,7 +488,7 @@ class StepRun:
                 raise
             return exp.experiment_id
 
-    def _release_fluent_run(self) -> None:
+    def _release_fluent_run(self, status: str) -> None:
         """Take the run off MLflow's active-run stack without another call to the server: the journal's
         last record already set its status (mlflow.end_run would call the server again)."""
         import mlflow
@@ -505,7 +505,7 @@ class StepRun:
             fluent._last_active_run_id.set(self.run.info.run_id)
         except Exception:  # MLflow's internals moved: end it the public way
             with contextlib.suppress(Exception):
-                mlflow.end_run()
+                mlflow.end_run(status)
 
     # -- the writer thread -----------------------------------------------------------------------
     def _record(self, kind: str, data: Any) -> None:
