@@ -511,3 +511,48 @@ def test_bpe_units_train_export_and_transcribe(setup, tmp_path):
     assert isinstance(model.vocab, BpeVocab) and model.vocab.identity() == bpe.identity()
     (hyp,) = transcribe(model, [first.audio])
     assert isinstance(hyp, str) and set(hyp) <= set("ABCDE '")
+
+
+def test_init_from_an_earlier_model_with_another_vocabulary_on_a_fresh_start_only(setup, tmp_path):
+    """training.init_from: a fresh run starts from the parent's encoder (its output layer is new: the
+    vocabulary differs, the log says so); a resumed run keeps its own weights."""
+    from asrflow.text import BpeVocab
+    from asrflow.train.distributed import World
+    from asrflow.train.params import TrainParams
+    from asrflow.train.run import build_context, export_model, parse_args
+    from asrflow.train.trainer import TrainState, resume, save
+
+    parent_ctx = _single_process_context(setup, tmp_path / "parent")
+    state = TrainState()
+    _run_steps(parent_ctx, state, 2)
+    (tmp_path / "parent").mkdir(exist_ok=True)
+    export_model(parent_ctx, state, tmp_path / "parent" / "model.pt")
+    parent = torch.load(tmp_path / "parent" / "model.pt", weights_only=False)["model"]
+
+    bpe = BpeVocab.build([u.text for u in setup.utts if u.split == "train"], vocab_size=16)
+    bpe.save(tmp_path / "bpe.json")
+    params_path = setup.params_file("child", init_from=str(tmp_path / "parent" / "model.pt"))
+    argv = setup.args(params_path, tmp_path / "child")
+    argv[argv.index("--vocab") + 1] = str(tmp_path / "bpe.json")
+    threads = torch.get_num_threads()
+    ctx = build_context(parse_args(argv), TrainParams.from_config(json.loads(params_path.read_text())), World())
+    torch.set_num_threads(threads)
+    fresh_head = ctx.model.head.weight.detach().clone()
+    resume(ctx)
+    own = ctx.model.state_dict()
+    encoder = [k for k in parent if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(own[k], parent[k]) for k in encoder), "the parent's encoder is loaded"
+    assert own["head.weight"].shape[0] == len(bpe) != parent["head.weight"].shape[0]
+    assert torch.equal(own["head.weight"], fresh_head), "a changed vocabulary gets a new output layer"
+    assert ctx.init_report is not None and not ctx.init_report.head_loaded and "vocabulary differs" in ctx.init_report.head_reason
+
+    # a checkpoint of the child exists now: resuming must not load the parent again
+    (tmp_path / "child").mkdir(exist_ok=True)
+    with torch.no_grad():
+        ctx.model.encoder.conformer.conformer_layers[0].ffn1.sequential[1].weight.add_(1.0)
+    save(ctx, TrainState(global_step=1), is_best=False)
+    mine = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    ctx.init_report = None
+    resume(ctx)
+    assert ctx.init_report is None
+    assert all(torch.equal(ctx.model.state_dict()[k], mine[k]) for k in mine), "a resume keeps its own weights"

@@ -45,7 +45,7 @@ from asrflow.train.params import TrainParams
 from asrflow.train.run import build_context, finish, tracked_run
 from asrflow.train.run import parse_args as parse_run_args
 from asrflow.train.trainer import (Context, StepRecord, TrainState, archive_if_stale, end_of_epoch, run_batches,
-                                   save, should_stop, stop_after_epoch)
+                                   log_parent, save, should_stop, start_from_parent, stop_after_epoch)
 
 log = logging.getLogger("asrflow.train.elastic")
 
@@ -183,6 +183,8 @@ def resume_locally(ctx: Context) -> TrainState:
     if path is not None and ctx.archive_stale_checkpoints:
         path = archive_if_stale(ctx.out_dir / "checkpoints", path, ctx.spec)
     if path is None:
+        if ctx.params.init_from:
+            start_from_parent(ctx)  # the first state.sync() broadcasts rank 0's weights
         return TrainState()
     payload = load_checkpoint(path, ctx.spec)
     ctx.model.load_state_dict(payload["model"])
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         # One MLflow run for the whole elastic training, opened by the final rank 0 (ranks change on a
         # reset); the per-epoch dev scores are replayed into it at their steps.
         with tracked_run(args, ctx, extra_tags={"asrflow.elastic": "true"}) as tracker:
+            if ctx.init_report is not None:
+                log_parent(tracker, ctx.init_report)
             for entry in state.history:
                 tracker.metrics({k: v for k, v in entry.items() if k not in ("epoch", "step")}, step=entry["step"])
             tracker.metrics({"elastic_resets": trainer.resets})

@@ -104,7 +104,11 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     if params.sync_batchnorm:
         model = world.sync_batchnorm(model)
     amp_dtype, use_scaler = resolve_precision(params.precision, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    from asrflow.train.pretrained import apply_freeze_schedule, param_groups
+
+    apply_freeze_schedule(model, 0)  # frozen parts never get a gradient; resume re-applies at its step
+    # one group per LR scale (a pretrained encoder's is lower); prepare_step sets lr x lr_scale per group
+    optimizer = torch.optim.AdamW(param_groups(model), lr=params.lr, weight_decay=params.weight_decay)
     optimizer = world.wrap_optimizer(optimizer, model)
     sampler = BucketBatchSampler(plan, world.rank, world.size, params.seed,
                                  oversample_temperature=params.oversample_temperature or None,
@@ -142,7 +146,10 @@ def export_model(ctx: Context, state, path: Path) -> None:
     best = ctx.out_dir / "checkpoints" / "best.pt"
     weights = torch.load(best, map_location="cpu", weights_only=False)["model"] if best.exists() else ctx.model.state_dict()
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": weights, "model_config": ctx.params.model, "n_mels": ctx.params.n_mels,
+    from asrflow.train.pretrained import exportable_model_config
+
+    torch.save({"model": weights, "model_config": exportable_model_config(ctx.model, ctx.params.model),
+                "n_mels": ctx.params.n_mels, "mlflow_run_id": ctx.tracker.run.info.run_id if getattr(ctx.tracker, "run", None) is not None else None,
                 "vocab": ctx.vocab.to_dict(), "sample_rate": SAMPLE_RATE, "params": ctx.params.to_dict(),
                 "frontend": ctx.frontend.to_dict(), "history": state.history}, tmp)
     os.replace(tmp, path)

@@ -117,8 +117,8 @@ def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmente
     feats, feat_lens = frontend(waves.to(device, non_blocking=True), lens.to(device, non_blocking=True))
     if model.cmvn is not None:
         feats = model.cmvn(feats, feat_lens)
-    if aug is not None and aug.specaug is not None:
-        feats = aug.specaug(feats, feat_lens)
+    if aug is not None and aug.specaug is not None and getattr(model, "feature_kind", "logmel") == "logmel":
+        feats = aug.specaug(feats, feat_lens)  # wav2vec2 takes waveforms and masks inside the model
     return feats, feat_lens
 
 
@@ -217,7 +217,12 @@ StepHook = Callable[["Context", TrainState, StepRecord], None]
 
 
 def prepare_step(ctx: "Context", state: TrainState, index: int) -> None:
-    """Per-step seeds (dropout, noise, masks, speed) from (seed, epoch, batch, rank), and the LR."""
+    """Per-step seeds (dropout, noise, masks, speed) from (seed, epoch, batch, rank), the LR, and the
+    freeze schedule of a pretrained encoder (every rank changes it on the same step)."""
+    from asrflow.train.pretrained import apply_freeze_schedule, register_unfrozen_parameters
+
+    if apply_freeze_schedule(ctx.model, state.global_step):
+        register_unfrozen_parameters(ctx.optimizer)
     seed = step_seed(ctx.params, state.epoch, index, ctx.world.rank)
     torch.manual_seed(seed)
     ctx.aug.reseed(seed)
@@ -399,6 +404,7 @@ class Context:
     out_dir: Path
     spec: dict[str, Any]
     frontend: Any = None       # asrflow.loudness.Frontend: what prep did to the waveforms; exported with the model
+    init_report: Any = None    # asrflow.train.pretrained.InitReport when a fresh run started from init_from
     tracker: Any = None
     progress: Any = None
     archive_stale_checkpoints: bool = False
@@ -453,7 +459,29 @@ def resume(ctx: Context) -> TrainState:
         ctx.optimizer.load_state_dict(payload["optimizer"])
         ctx.scaler.load_state_dict(payload["scaler"])
         state = TrainState(**payload["state"])
+    elif ctx.params.init_from and ctx.world.is_main:
+        start_from_parent(ctx)  # a fresh start only (a resume continues its own weights); fit() broadcasts
     return state
+
+
+def start_from_parent(ctx: Context) -> None:
+    """``init_from``: an earlier asrflow model's encoder (and output layer, where the vocabularies match)
+    as the starting point; rank 0's weights are broadcast to the others by fit()."""
+    from asrflow.train.pretrained import init_from_asrflow
+
+    report = init_from_asrflow(ctx.model, ctx.params.init_from, ctx.vocab)
+    ctx.init_report = report
+    log.info("initialized from %s (sha256 %s, parent run %s): %d tensors; %s", report.path, report.sha256[:12],
+             report.parent_run_id, report.loaded, report.head_reason)
+    if ctx.tracker is not None:
+        log_parent(ctx.tracker, report)
+
+
+def log_parent(tracker, report) -> None:
+    """The lineage of a run started from ``init_from``: the parent model's path, digest and MLflow run."""
+    tracker.params({"init_from": report.path, "init_from.sha256": report.sha256,
+                    "init_from.head_loaded": report.head_loaded, "init_from.parent_run_id": report.parent_run_id or ""})
+    tracker.tags({"asrflow.parent_run_id": report.parent_run_id or "", "asrflow.parent_sha256": report.sha256})
 
 
 def end_of_epoch(ctx: Context, state: TrainState, partial: bool = False) -> bool:

@@ -25,7 +25,7 @@ from asrflow.train.pretrained.checkpoints import CheckpointError, require_path
 
 log = logging.getLogger(__name__)
 
-HEAD_PREFIXES = ("head.",)
+HEAD_PREFIXES = ("head.", "inter_head.", "condition.")  # the layers whose shape follows the vocabulary
 
 
 @dataclass
