@@ -89,7 +89,7 @@ class BenchmarkSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None, seed: int = 1234) -> "BenchmarkSettings":
         cfg = dict(cfg or {})
-        for k in ("model", "variant"):
+        for k in ("model", "variant", "data_path"):  # read by the rule itself / by data_path_benchmark
             cfg.pop(k, None)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(cfg) - known)

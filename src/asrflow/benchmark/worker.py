@@ -198,7 +198,7 @@ def measure_case(args: argparse.Namespace, base: dict[str, Any], spec: dict[str,
     per_step = {"step_s": steps_all[:, :, f["step_s"]].max(dim=0).values.tolist()}
     for k in ("utts", "audio_s", "real_frames", "padded_frames"):
         per_step[k] = steps_all[:, :, f[k]].sum(dim=0).tolist()
-    rank_totals = {k: float(steps_all[:, :, f[k]].sum()) for k in ("step_s", "collate_s", "features_s", "cpu_s")}
+    rank_totals = {k: float(steps_all[:, :, f[k]].sum()) for k in ("step_s", "loader_wait_s", "features_s", "cpu_s")}
     g = {k: i for i, k in enumerate(RANK_FIELDS)}
 
     def col(k: str) -> list[float]:

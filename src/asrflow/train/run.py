@@ -120,7 +120,8 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     spec = params.fingerprint_spec(vocab.identity(), hashlib.sha256(plan_text.encode()).hexdigest()[:16])
     from asrflow.loudness import Frontend
 
-    frontend = Frontend.from_dict(json.loads(args.frontend.read_text()) if args.frontend else None)
+    frontend_file = getattr(args, "frontend", None)  # the benchmark's workers pass none: prep's defaults
+    frontend = Frontend.from_dict(json.loads(frontend_file.read_text()) if frontend_file else None)
     if frontend.sample_rate != SAMPLE_RATE:
         raise ValueError(f"{args.frontend}: sample rate {frontend.sample_rate}, the trainer needs {SAMPLE_RATE}")
     return Context(
@@ -228,17 +229,14 @@ def finish(args: argparse.Namespace, ctx: Context, state: TrainState, tracker, e
 
 
 def log_pytorch_model(tracker, model_path: Path) -> None:
-    """Log the trained network with mlflow.pytorch (a loadable torch model) next to the raw checkpoint."""
-    import mlflow.pytorch
-
-    from asrflow.tracking import store_lock
+    """Log the trained network with mlflow.pytorch (a loadable torch model) next to the raw checkpoint,
+    through the run's journal: a tracking server that is down at the end does not fail the training."""
     from asrflow.transcribe import load_model
 
     model = load_model(model_path)
-    with store_lock(tracker.uri):
-        # pickle: the Recognizer takes (waves, lengths), which the traced pt2 format cannot infer from one example
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                 pip_requirements=["torch==2.11.0", "torchaudio==2.11.0", "asrflow"])
+    # pickle: the Recognizer takes (waves, lengths), which the traced pt2 format cannot infer from one example
+    tracker.pytorch_model(model, name="model", serialization_format="pickle",
+                          pip_requirements=["torch==2.11.0", "torchaudio==2.11.0", "asrflow"])
     tracker.artifact(model_path, "checkpoint")
 
 
