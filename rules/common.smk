@@ -53,7 +53,9 @@ def variant_params(variant):
         raise ValueError(f"training variant {variant!r} is not defined under training.variants")
     merged = json.loads(json.dumps(config["training"]["base"]))
     for key, value in config["training"]["variants"][variant].items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if key == "model" and value.get("name", merged["model"].get("name")) != merged["model"].get("name"):
+            merged[key] = value  # another kind of model: the base model's options do not apply to it
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
