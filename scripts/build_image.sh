@@ -6,6 +6,7 @@
 #   IMAGE    the tag to build (localhost/asrflow:latest)
 #   HOROVOD_NCCL=1   the CUDA variant's Horovod (with a CUDA BASE)
 #   FORCE=1  rebuild even when the image already holds this commit and these dependency files
+#   NO_CACHE=1  and without buildah's layer cache (every step runs; the wheel and pip caches still count)
 #
 # The build context is `git archive HEAD`: the image holds the committed tree, never uncommitted edits.
 # Mounted into the build, read-only unless said otherwise, and kept out of the image:
@@ -81,7 +82,7 @@ label() {
   buildah inspect --type image "$IMAGE" 2>/dev/null \
     | python3 -c 'import json, sys; print((json.load(sys.stdin)["OCIv1"]["config"].get("Labels") or {}).get(sys.argv[1], ""))' "$1" 2>/dev/null || true
 }
-if [ "${FORCE:-0}" != 1 ] && [ "$(label org.opencontainers.image.revision)" = "$commit" ] && [ "$(label asrflow.deps)" = "$deps" ]; then
+if [ "${FORCE:-0}" != 1 ] && [ "${NO_CACHE:-0}" != 1 ] && [ "$(label org.opencontainers.image.revision)" = "$commit" ] && [ "$(label asrflow.deps)" = "$deps" ]; then
   say "$IMAGE is up to date (commit ${commit:0:12}, dependencies $deps); FORCE=1 rebuilds"
   exit 0
 fi
@@ -147,7 +148,8 @@ printf '  mount %s\n' "${mounts[@]/#-v/}" | grep -v '^  mount $' || true
 # --- build ---------------------------------------------------------------------------------------
 say "buildah bud -> $IMAGE (commit ${commit:0:12})"
 start=$(date +%s)
-"${NICE[@]}" buildah bud --isolation chroot --layers -f "$ctx/Dockerfile" -t "$IMAGE" \
+cache=(--layers); [ "${NO_CACHE:-0}" = 1 ] && cache=(--no-cache)
+"${NICE[@]}" buildah bud --isolation chroot "${cache[@]}" -f "$ctx/Dockerfile" -t "$IMAGE" \
   --build-arg BASE="$BASE" --build-arg HOROVOD_NCCL="$HOROVOD_NCCL" \
   --build-arg ASRFLOW_PIP_CONF=/etc/asrflow-build-pip/pip.conf \
   --build-arg ASRFLOW_PIP_CACHE=/var/cache/asrflow-pip \
