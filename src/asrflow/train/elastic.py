@@ -45,7 +45,8 @@ from asrflow.train.params import TrainParams
 from asrflow.train.run import build_context, finish, tracked_run
 from asrflow.train.run import parse_args as parse_run_args
 from asrflow.train.trainer import (Context, StepRecord, TrainState, archive_if_stale, end_of_epoch, run_batches,
-                                   log_parent, save, should_stop, start_from_parent, stop_after_epoch)
+                                   learning_rate, log_parent, save, should_stop, start_from_parent,
+                                   stop_after_epoch)
 
 log = logging.getLogger("asrflow.train.elastic")
 
@@ -119,8 +120,10 @@ class ElasticTrainer:
         self.reshard()
         self.resets += 1
         self.world_sizes.append(new)
-        log.info("reset %d: %d -> %d worker(s), now rank %d; %d batches/epoch/rank",
-                 self.resets, old, new, self.ctx.world.rank, len(self.ctx.sampler))
+        ts = self.state.train
+        lr = learning_rate(self.ctx.params, ts.global_step, self.ctx.total_steps, new, ts.train_seconds)
+        log.info("reset %d: %d -> %d worker(s), now rank %d; lr rescaled to %.2e; %d batches/epoch/rank",
+                 self.resets, old, new, self.ctx.world.rank, lr, len(self.ctx.sampler))
 
     # -- state ---------------------------------------------------------------------------------------
     def initial_state(self, resumed: TrainState):

@@ -311,8 +311,8 @@ def log_window(ctx: "Context", state: TrainState, w: Window) -> None:
                "loader_wait_share": w.wait / max(1e-9, w.step_s), "skipped_steps": state.skipped_steps,
                "epoch": state.epoch}
     if ctx.world.is_main:
-        log.info("epoch %d step %d loss %.3f lr %.2e %.1f utt/s loader wait %.1f%% skipped %d", state.epoch,
-                 state.global_step, metrics["train_loss"], metrics["lr"], metrics["utt_per_s"],
+        log.info("epoch %d step %d loss %.3f lr %.2e workers %d %.1f utt/s loader wait %.1f%% skipped %d", state.epoch,
+                 state.global_step, metrics["train_loss"], metrics["lr"], ctx.world.size, metrics["utt_per_s"],
                  100 * metrics["loader_wait_share"], state.skipped_steps)
         if ctx.tracker is not None:
             ctx.tracker.metrics(metrics, step=state.global_step)
