@@ -9,8 +9,14 @@ VERSION=0.28.1
 WHEELS="$CACHE/wheels"
 mkdir -p "$WHEELS" "$CACHE/sdist"
 
+# The CUDA build (GPU tensors staged through host memory) only where a GPU is there to use it, or when
+# asked for (ASRFLOW_HOROVOD_CUDA=1: building on a GPU-less login node for GPU nodes). A CUDA toolkit
+# alone is no reason: on a CPU machine that has nvcc, the CPU wheel is the one the image build
+# (scripts/build_image.sh, which mounts this cache) also uses, so Horovod is compiled once, not twice.
 variant=cpu
-if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then variant=cuda; fi
+if [ "${ASRFLOW_HOROVOD_CUDA:-0}" = 1 ] || { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }; then
+  if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then variant=cuda; fi
+fi
 [ "${ASRFLOW_HOROVOD_CPU_ONLY:-0}" = 1 ] && variant=cpu
 torch_ver=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
 [ "${ASRFLOW_HOROVOD_NCCL:-0}" = 1 ] && variant=nccl
