@@ -24,39 +24,17 @@ from asrflow.train.pretrained import (
 )
 from asrflow.train.pretrained.checkpoints import read_ct2_model_bin, write_ct2_model_bin
 from asrflow.train.pretrained.whisper import WhisperLogMel
+from tests.pretrained_checkpoints import randomize, write_hf_w2v, write_hf_whisper, write_tiny_ct2_whisper
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the reference checkpoints")
 
 VOCAB = 9
-# max_source_positions=50: Hugging Face's WhisperEncoder wants exactly 2 * 50 = 100 input frames
-TINY_WHISPER = dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, decoder_layers=1,
-                    decoder_attention_heads=4, decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=50,
-                    vocab_size=60, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                    decoder_start_token_id=1)
-TINY_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=16,
-                num_conv_pos_embedding_groups=4, vocab_size=10, hidden_dropout=0.0, attention_dropout=0.0,
-                activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.05)
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Random values everywhere (fresh inits have all-zero biases and unit norms, which hide mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            norm_gain = "norm" in name and name.endswith("weight")
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if norm_gain else 0.0))
 
 
 @pytest.fixture(scope="module")
 def hf_whisper(tmp_path_factory):
     """(folder, the transformers model) of a tiny random WhisperForConditionalGeneration, safetensors layout."""
-    torch.manual_seed(0)
-    model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**TINY_WHISPER)).eval()
-    _randomize(model.model.encoder, 1)
-    folder = tmp_path_factory.mktemp("hf_whisper")
-    model.save_pretrained(folder)
-    return folder, model
+    return write_hf_whisper(tmp_path_factory.mktemp("hf_whisper"))
 
 
 @pytest.fixture(scope="module")
@@ -377,18 +355,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_whisper):
 
 # --------------------------------------------------------------------------------------- wav2vec2 / HuBERT
 
-def _write_hf_w2v(folder, class_name="Wav2Vec2Model"):
-    cls = getattr(transformers, class_name)
-    config_cls = transformers.HubertConfig if class_name == "HubertModel" else transformers.Wav2Vec2Config
-    torch.manual_seed(0)
-    model = cls(config_cls(**TINY_W2V)).eval()
-    model.save_pretrained(folder)
-    return folder, model
-
-
 @pytest.fixture(scope="module", params=["Wav2Vec2Model", "HubertModel"])
 def hf_w2v(request, tmp_path_factory):
-    return _write_hf_w2v(tmp_path_factory.mktemp(request.param), request.param)
+    return write_hf_w2v(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def _capture_head_input(model, feats, lens):
@@ -424,7 +393,7 @@ def test_wav2vec2_from_torchaudio_state_dict(tmp_path):
     torch.manual_seed(0)
     params = {**TINY_ARCH, "extractor_conv_layer_config": [tuple(x) for x in TINY_ARCH["extractor_conv_layer_config"]]}
     ref = torchaudio.models.wav2vec2_model(**params, aux_num_out=None).eval()
-    _randomize(ref, 2)
+    randomize(ref, 2)
     with_config = tmp_path / "w2v.pt"
     torch.save({"config": TINY_ARCH, "state_dict": ref.state_dict()}, with_config)
     bare = tmp_path / "bare.pth"
@@ -482,7 +451,7 @@ def test_exported_model_rebuilds_in_transcribe_without_its_checkpoint(kind, requ
     if kind == "whisper_encoder":
         shutil.copytree(request.getfixturevalue("ct2_whisper"), src)
     else:
-        _write_hf_w2v(src)
+        write_hf_w2v(src)
     vocab = CharVocab(["<blank>", *"abcdefgh"])
     model = build_model({"name": kind, "checkpoint": str(src), "dropout": 0.0}, len(vocab), 80).eval()
     _export(model, vocab, tmp_path / "model.pt")
@@ -584,20 +553,8 @@ def test_bundled_whisper_tiny_en_matches_ctranslate2_encode():
 
 # ------------------------------------------------------------------------------------- Horovod, 2 ranks
 
-def _write_tiny_ct2_whisper(folder, seed=0):
-    """A tiny random Whisper encoder as a CTranslate2 model.bin, written by our own writer (no transformers)."""
-    from asrflow.train.pretrained.whisper import WhisperEncoder, encoder_to_ct2_variables
-
-    torch.manual_seed(seed)
-    encoder = WhisperEncoder(80, 32, 2, 4, 64, 50)
-    _randomize(encoder, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_ct2_model_bin(folder / "model.bin", encoder_to_ct2_variables(encoder, 4))
-    return folder, encoder
-
-
 def test_own_ct2_writer_round_trip_without_ctranslate2(tmp_path):
-    folder, encoder = _write_tiny_ct2_whisper(tmp_path / "ct2")
+    folder, encoder = write_tiny_ct2_whisper(tmp_path / "ct2")
     model = build_model({"name": "whisper_encoder", "checkpoint": str(folder)}, VOCAB, 80).eval()
     for k, v in encoder.state_dict().items():
         assert torch.equal(model.encoder.state_dict()[k], v), k
@@ -609,7 +566,7 @@ def test_two_rank_horovod_run_trains_from_a_checkpoint_and_unfreezes_in_step(tmp
     register_unfrozen_parameters, the ranks stay identical (without it they drift apart); the loss falls."""
     from . import trainer_fixtures as F
 
-    folder, _ = _write_tiny_ct2_whisper(tmp_path / "ct2")
+    folder, _ = write_tiny_ct2_whisper(tmp_path / "ct2")
     out = tmp_path / "dump"
     out.mkdir()
     probe = [F.PYTHON, str(Path(__file__).with_name("pretrained_hvd_probe.py")), str(folder), str(out)]
