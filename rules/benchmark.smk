@@ -1,4 +1,5 @@
-# Training throughput benchmark: precision x Horovod processes, batching, memory, data-prep scaling.
+# Training throughput benchmark: precision x Horovod processes, batching, memory, data-prep scaling, and
+# the throughput of each model side by side.
 # `snakemake results/benchmark/benchmark.md`; settings from the config's `benchmark:` section.
 
 
@@ -24,6 +25,7 @@ rule benchmark:
         # the recipe of the benchmarked variant (default: the first trained one); `model` overrides its model
         train=lambda wc: variant_params(config.get("benchmark", {}).get("variant") or config["training"]["run_variants"][0]),
         model=config.get("benchmark", {}).get("model") or {},
+        models=lambda wc: benchmark_models(),
         seed=config["seed"],
         prep={
             k: config["prep"][k]

@@ -101,6 +101,13 @@ def hosts_file_env():
     return f"ASRFLOW_HOSTS_FILE={shlex.quote(os.path.abspath(hosts_file))}" if hosts_file else ""
 
 
+def benchmark_models():
+    """(variant, recipe) of each model the per-model table compares: `benchmark.models`, default every trained
+    variant. Only the recipes are read (a fresh model per row), so the rule needs no trained model."""
+    variants = config.get("benchmark", {}).get("models") or config["training"]["run_variants"]
+    return [{"label": v, "params": variant_train_params(v)} for v in variants]
+
+
 def train_run_config(variant):
     """The part of the config a training run depends on (recorded as its MLflow params)."""
     return {"experiment": config["experiment"], "seed": config["seed"], "horovod": config["horovod"],

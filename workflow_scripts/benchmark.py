@@ -1,7 +1,8 @@
 """Snakemake job: the training throughput benchmark (tables, JSON, chart, MLflow metrics)."""
 from pathlib import Path
 
-from asrflow.benchmark.runner import BenchmarkSettings, Inputs, benchmark_train_params, mlflow_metrics, run_benchmark
+from asrflow.benchmark.runner import (BenchmarkSettings, Inputs, ModelUnderTest, benchmark_train_params, mlflow_metrics,
+                                      run_benchmark)
 from asrflow.prep.resample import ResampleSettings
 from asrflow.workflow import step_run
 
@@ -13,7 +14,8 @@ with step_run(smk, "benchmark") as run:
                     cmvn=Path(smk.input.cmvn), noise=Path(smk.input.noise), corpus=Path(smk.input.corpus))
     report = run_benchmark(inputs, settings, benchmark_train_params(p.train, p.model), ResampleSettings(**p.prep),
                            Path(smk.output.json), Path(smk.output.md), Path(smk.output.png),
-                           Path(smk.log[0]).with_suffix(".workers"))
+                           Path(smk.log[0]).with_suffix(".workers"),
+                           models=[ModelUnderTest(m["label"], m["params"]) for m in p.models])
     run.params({f"benchmark.device.{k}": v for k, v in report["device"].items()} |
                {"benchmark.parameters": report["model"]["parameters"]})
     run.metrics(mlflow_metrics(report))

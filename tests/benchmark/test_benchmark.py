@@ -1,6 +1,7 @@
 """The throughput benchmark: its arithmetic, batching comparison, tables and samplers (fast), and one
 run of the real per-rank worker on a tiny prepared set (slow)."""
 import json
+import math
 import random
 import subprocess
 from collections import Counter
@@ -12,8 +13,9 @@ from asrflow.benchmark import padding, prep_scaling, table
 from asrflow.benchmark.device import cpu_model, describe
 from asrflow.benchmark.gpu import NOT_AVAILABLE, GpuSampler, format_util
 from asrflow.benchmark.memory import SavedTensorMeter, checkpointing_comparison, peak_rss_mb, reset_peak_rss, rss_mb
-from asrflow.benchmark.runner import (BenchmarkSettings, benchmark_train_params, build_report, entry,
-                                      mlflow_metrics, plan_runs, resolved_precisions)
+from asrflow.benchmark.runner import (BenchmarkSettings, Inputs, ModelUnderTest, benchmark_train_params,
+                                      build_report, entry, mlflow_metrics, model_row, plan_model_runs, plan_runs,
+                                      resolved_precisions, run_benchmark)
 from asrflow.benchmark.throughput import (config_key, precision_label, precision_speedup, scaling_efficiency,
                                           scaling_table, summarize)
 from asrflow.manifest import Utterance
@@ -32,14 +34,15 @@ def make_plan(n=120, seed=0, frame_budget=3000, max_batch_size=16) -> BucketPlan
 
 def raw_record(step_s, utts, audio_s=None, precision="fp32", processes=1, role="throughput", batching="dynamic",
                checkpointing=False, collate=0.1, features=0.2, cpu=None, peak=900.0, before=800.0, saved=None,
-               gpu=None):
+               gpu=None, parameters=1000, total_parameters=None):
     """What a worker writes for one case (rank 0's aggregate)."""
     audio_s = audio_s or [2.0 * u for u in utts]
     total = sum(step_s) * processes
     return {"case": {"name": f"{precision}-{batching}", "precision": precision, "requested": precision,
                      "batching": batching, "gradient_checkpointing": checkpointing, "role": role},
             "processes": processes, "backend": "horovod", "device": "cpu", "precision": precision,
-            "threads_per_rank": 1, "parameters": 1000, "warmup_steps_per_rank": 1, "steps_per_rank": len(step_s),
+            "threads_per_rank": 1, "parameters": parameters,
+            "total_parameters": total_parameters or parameters, "warmup_steps_per_rank": 1, "steps_per_rank": len(step_s),
             "utterances_in_set": sum(utts), "passes": 1,
             "per_step": {"step_s": step_s, "utts": utts, "audio_s": audio_s,
                          "real_frames": [100.0 * u for u in utts], "padded_frames": [125.0 * u for u in utts]},
@@ -340,6 +343,43 @@ def test_report_tables_in_the_reference_format(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_per_model_table_has_a_row_per_model(tmp_path):
+    scratch = ModelUnderTest("full", {"model": {"name": "conformer", "d_model": 32}})
+    whisper = ModelUnderTest("transfer", {"model": {"name": "whisper_encoder", "freeze": "all"}})
+    rows = [model_row(scratch, entry(raw_record([0.2] * 4, [8] * 4, parameters=2000)), reused=True),
+            model_row(whisper, entry(raw_record([0.8] * 4, [8] * 4, parameters=300, total_parameters=8000)),
+                      reused=False)]
+    report = synthetic_report(tmp_path)
+    report["models"] = rows
+    assert [(r["label"], r["model"]["name"]) for r in rows] == [("full", "conformer"), ("transfer", "whisper_encoder")]
+    # 32 utterances (64 audio s) in 4 steps of 0.8 s
+    assert rows[1]["utt_per_s"] == pytest.approx(10.0) and rows[1]["audio_s_per_s"] == pytest.approx(20.0)
+    assert rows[1]["median_step_s"] == pytest.approx(0.8) and rows[1]["trainable_parameters"] == 300
+
+    md = table.render_markdown(report)
+    section = md.split("## Throughput per model")[1].split("##")[0]
+    assert "| full | conformer | 2,000 | 2,000 | 40.0 | 80.0 | 0.200 | 0.200 | 4 | 900 |" in section
+    assert "| transfer | whisper_encoder | 8,000 | 300 | 10.0 | 20.0 | 0.800 | 0.800 | 4 | 900 |" in section
+    assert "frozen phase" in section  # the frozen encoder's rate is labelled as such
+
+    metrics = mlflow_metrics(report)
+    assert metrics["models.full.utt_per_s"] == pytest.approx(40.0)
+    assert metrics["models.transfer.median_step_s"] == pytest.approx(0.8)
+    assert json.loads(json.dumps(report))["models"][1]["label"] == "transfer"
+
+
+def test_the_benchmarked_variants_model_row_reuses_its_measurement():
+    s = BenchmarkSettings.from_config({"precisions": ["fp32"], "models": ["full"]})
+    reference = {"model": {"name": "conformer", "d_model": 32}, "lr": 1e-3, "variant": "full"}
+    other = {"model": {"name": "whisper_encoder"}, "lr": 1e-3, "variant": "transfer", "bucketing": False}
+    planned = plan_model_runs([ModelUnderTest("full", {**reference, "np": 2}), ModelUnderTest("transfer", other)],
+                              s, reference, torch.device("cpu"))
+    assert planned[0][1] is None  # only launcher keys differ: the np1 reference row measured this recipe
+    run = planned[1][1]
+    assert (run.name, run.processes) == ("model-transfer", 1)
+    assert [(c["label"], c["batching"]) for c in run.cases] == [("fp32", "random_budget")]  # its own batching
+
+
 def test_reference_table_prints_gpu_utilization_when_sampled():
     rows = [{"precision": "fp32", "processes": 1, "utt_per_s": 128.0, "gpu": {"util_mean": 65.0}},
             {"precision": "fp16", "processes": 4, "utt_per_s": 417.0, "gpu": {"util_mean": 92.0}}]
@@ -404,3 +444,42 @@ def test_worker_measures_real_training_steps(tmp_path):
         assert r["parameters"] > 0 and r["backend"] in ("horovod", "single")
     assert 0 < ckpt["memory"]["saved_activations_mb"] < plain["memory"]["saved_activations_mb"]
     assert (tmp_path / "logs" / "rank0.log").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_measures_each_model_on_real_steps(tmp_path):
+    """The benchmark on a from-scratch conformer, a Whisper encoder and a wav2vec2 encoder (tiny random
+    checkpoints): one table row per model, with a positive, finite measured throughput."""
+    pytest.importorskip("transformers", reason="transformers writes the tiny checkpoints")
+    from tests.pretrained_checkpoints import WHISPER_30S_POSITIONS, write_hf_w2v, write_hf_whisper
+    from tests.train import trainer_fixtures as F
+
+    setup = F.build_setup(tmp_path / "data", n_train=16, n_dev=2)
+    whisper, _ = write_hf_whisper(tmp_path / "whisper", max_source_positions=WHISPER_30S_POSITIONS)
+    w2v, _ = write_hf_w2v(tmp_path / "w2v")
+    scratch = F.base_params()
+    models = [ModelUnderTest("scratch", scratch),
+              ModelUnderTest("whisper", {**scratch, "model": {"name": "whisper_encoder", "checkpoint": str(whisper),
+                                                               "freeze": "all"}}),
+              ModelUnderTest("w2v", {**scratch, "model": {"name": "wav2vec2", "checkpoint": str(w2v)}})]
+    settings = BenchmarkSettings.from_config({"steps": 2, "warmup_steps": 1, "processes": [1], "precisions": ["fp32"],
+                                              "batching": ["dynamic"], "gradient_checkpointing": False,
+                                              "prep_workers": []})
+    inputs = Inputs(manifest=setup.manifest, plan=setup.plan, vocab=setup.vocab, cmvn=setup.cmvn, noise=setup.noise)
+    out = tmp_path / "out"
+    report = run_benchmark(inputs, settings, benchmark_train_params(scratch), None, out / "b.json", out / "b.md",
+                           out / "b.png", tmp_path / "logs", models=models)
+
+    rows = {r["label"]: r for r in json.loads((out / "b.json").read_text())["models"]}
+    assert list(rows) == ["scratch", "whisper", "w2v"]
+    assert [rows[k]["model"]["name"] for k in rows] == ["conformer", "whisper_encoder", "wav2vec2"]
+    assert rows["scratch"]["reused_reference_measurement"] and not rows["whisper"]["reused_reference_measurement"]
+    for r in rows.values():
+        for k in ("utt_per_s", "audio_s_per_s", "median_step_s", "mean_step_s"):
+            assert math.isfinite(r[k]) and r[k] > 0, (r["label"], k, r[k])
+        assert r["measured_steps"] == 2 and r["utterances"] == rows["scratch"]["utterances"]  # same work each
+    assert rows["whisper"]["trainable_parameters"] < rows["whisper"]["parameters"]  # freeze: all, head only
+    md = (out / "b.md").read_text()
+    for label, name in (("scratch", "conformer"), ("whisper", "whisper_encoder"), ("w2v", "wav2vec2")):
+        assert f"| {label} | {name} |" in md
+    assert report["models"] == list(rows.values())

@@ -6,7 +6,10 @@ Measurements, in this order (one process at a time, so they do not compete for c
                  without checkpointing), the other precisions, then the other batching modes;
 2. ``np1-ckpt``  one process: the reference case with gradient checkpointing (memory with it);
 3. ``npN``       ``horovodrun -np N -H localhost:N --gloo``: every precision with training's batching;
-4. data prep     1..k resampling processes on disjoint parts of a fixed corpus subset.
+4. ``model-V``   one process per model to compare (each training variant's recipe, default every trained
+                 variant): the reference precision with the variant's own batching, on the same utterances
+                 as the rows above; the benchmarked variant's row reuses its ``np1`` measurement;
+5. data prep     1..k resampling processes on disjoint parts of a fixed corpus subset.
 
 The reference precision is the first of ``precisions`` (fp32 by default). A precision is a training
 setting (fp32, bf16, fp16, auto) or ``mixed``: fp16 with a GradScaler on CUDA, bf16 on CPU — the mixed
@@ -72,7 +75,7 @@ def resolved_precisions(settings: "BenchmarkSettings", device) -> list[tuple[str
 
 @dataclass
 class BenchmarkSettings:
-    """The config's ``benchmark:`` section (model and variant are resolved by the rule)."""
+    """The config's ``benchmark:`` section (model, variant and models are resolved by the rule)."""
     steps: int = 6                     # measured steps at 1 process (N processes share the same batches)
     warmup_steps: int = 2              # per rank, per configuration, not measured
     processes: list[int] = field(default_factory=lambda: [1, 2])
@@ -89,7 +92,7 @@ class BenchmarkSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None, seed: int = 1234) -> "BenchmarkSettings":
         cfg = dict(cfg or {})
-        for k in ("model", "variant", "data_path"):  # read by the rule itself / by data_path_benchmark
+        for k in ("model", "variant", "models", "data_path"):  # read by the rule itself / by data_path_benchmark
             cfg.pop(k, None)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(cfg) - known)
@@ -161,6 +164,51 @@ def plan_runs(settings: BenchmarkSettings, training_batching: str = "dynamic", d
     runs += [WorkerRun(f"np{n}", n, [case(p, training_batching) for p in precisions])
              for n in settings.processes if n > 1]
     return runs
+
+
+@dataclass
+class ModelUnderTest:
+    """One row of the per-model table: a training variant's recipe, as its workers get it."""
+    label: str                 # the variant's name
+    params: dict[str, Any]     # its training recipe (launcher keys dropped)
+
+
+def recipe_batching(train_params: Mapping[str, Any]) -> str:
+    """The benchmark's name for the batching a recipe trains with."""
+    return "dynamic" if train_params.get("bucketing", True) else "random_budget"
+
+
+def same_recipe(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def plan_model_runs(models: list[ModelUnderTest], settings: BenchmarkSettings, reference_params: Mapping[str, Any],
+                    device=None) -> list[tuple[ModelUnderTest, WorkerRun | None]]:
+    """A one-process worker per model, measuring the reference precision with the model's own batching;
+    None for a model whose recipe is the grid's (its ``np1`` row measured exactly that already)."""
+    ref = resolved_precisions(settings, device if device is not None else default_device())[0]
+    planned = []
+    for m in models:
+        if same_recipe(benchmark_train_params(m.params), reference_params):
+            planned.append((m, None))
+        else:
+            planned.append((m, WorkerRun(f"model-{m.label}", 1, [case(ref, recipe_batching(m.params), role="model")])))
+    return planned
+
+
+MODEL_ROW_FIELDS = ("precision", "batching", "utt_per_s", "audio_s_per_s", "median_step_s", "mean_step_s",
+                    "utt_per_s_median", "measured_steps", "utterances", "audio_s", "data_share", "cpu_util")
+
+
+def model_row(model: ModelUnderTest, measured: Mapping[str, Any], reused: bool) -> dict[str, Any]:
+    """The per-model table's row: what the model is, and its one-process training throughput."""
+    mem = measured["memory"]
+    return {"label": model.label, "model": dict(model.params.get("model", {})),
+            "parameters": measured["total_parameters"], "trainable_parameters": measured["parameters"],
+            **{k: measured[k] for k in MODEL_ROW_FIELDS},
+            "peak_mem_mb": mem["cuda_max_allocated_mb"] if mem.get("cuda_max_allocated_mb") is not None
+            else mem["peak_rss_mb"],
+            "device": measured["device"], "reused_reference_measurement": reused}
 
 
 def worker_env(threads_per_rank: int) -> dict[str, str]:
@@ -244,7 +292,8 @@ def entry(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": c["name"], "role": c.get("role", "throughput"), "precision": raw["precision"],
             "requested_precision": c.get("requested", c["precision"]), "processes": raw["processes"], "batching": c["batching"],
             "gradient_checkpointing": c["gradient_checkpointing"], "device": raw["device"], **summarize(raw),
-            "memory": raw["memory"], "gpu": raw["gpu"], "parameters": raw["parameters"]}
+            "memory": raw["memory"], "gpu": raw["gpu"], "parameters": raw["parameters"],
+            "total_parameters": raw["total_parameters"]}
 
 
 def memory_entry(e: Mapping[str, Any]) -> dict[str, Any]:
@@ -254,7 +303,7 @@ def memory_entry(e: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_report(entries: list[dict[str, Any]], settings: BenchmarkSettings, plan: BucketPlan, train_params: Mapping,
                  training_batching: str, info: Mapping[str, Any], prep: Mapping[str, Any] | None,
-                 wall_s: float, backend: str) -> dict[str, Any]:
+                 wall_s: float, backend: str, models: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     ref = settings.precisions[0]
     grid = [e for e in entries if e["batching"] == training_batching and not e["gradient_checkpointing"]]
     grid.sort(key=lambda e: (e["processes"], settings.precisions.index(e["requested_precision"])))
@@ -272,6 +321,7 @@ def build_report(entries: list[dict[str, Any]], settings: BenchmarkSettings, pla
         "throughput": throughput,
         "scaling": scaling_table(throughput),
         "precision_speedup": precision_speedup(throughput),
+        "models": list(models or []),
     }
     one = [e for e in entries if e["processes"] == 1 and e["requested_precision"] == ref
            and not e["gradient_checkpointing"]]
@@ -317,6 +367,9 @@ def mlflow_metrics(report: Mapping[str, Any]) -> dict[str, float]:
             m[f"throughput.{key}.gpu_mem_mb"] = t["gpu"]["mem_used_max_mb"]
         if t["memory"].get("cuda_max_allocated_mb") is not None:
             m[f"throughput.{key}.cuda_max_allocated_mb"] = t["memory"]["cuda_max_allocated_mb"]
+    for row in report.get("models", []):
+        for k in ("utt_per_s", "audio_s_per_s", "median_step_s", "mean_step_s", "peak_mem_mb"):
+            m[f"models.{row['label']}.{k}"] = row[k]
     for key, s in report["scaling"].items():
         m[f"scaling.{key}.speedup"] = s["speedup"]
         m[f"scaling.{key}.efficiency"] = s["efficiency"]
@@ -348,13 +401,14 @@ def mlflow_metrics(report: Mapping[str, Any]) -> dict[str, float]:
 
 def run_benchmark(inputs: Inputs, settings: BenchmarkSettings, train_params: Mapping[str, Any],
                   prep_settings: Any | None, out_json: Path, out_md: Path, out_png: Path,
-                  log_dir: Path) -> dict[str, Any]:
-    """Run every measurement, write the JSON, markdown and PNG; returns the report."""
+                  log_dir: Path, models: list[ModelUnderTest] | None = None) -> dict[str, Any]:
+    """Run every measurement, write the JSON, markdown and PNG; returns the report. ``models``: the
+    recipes of the per-model throughput table (none: no such table)."""
     t0 = time.perf_counter()
     info = device_info()
     log.info("device: %s", describe(info))
     plan = benchmark_plan(BucketPlan.from_dict(json.loads(Path(inputs.plan).read_text())), settings)
-    training_batching = "dynamic" if train_params.get("bucketing", True) else "random_budget"
+    batching = recipe_batching(train_params)
     threads = int(train_params.get("threads_per_rank", 1))
     env = worker_env(threads)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -365,14 +419,27 @@ def run_benchmark(inputs: Inputs, settings: BenchmarkSettings, train_params: Map
         params_path = work / "params.json"
         params_path.write_text(json.dumps(dict(train_params)))
         device = default_device()
-        runs = plan_runs(settings, training_batching, device)
+        runs = plan_runs(settings, batching, device)
+        model_runs = plan_model_runs(list(models or []), settings, train_params, device)
         plans = (work / "plan.used.json", work / "plan.schedule.json")
-        write_json(plans[0], padding.sub_plan(plan, used_utterances(plan, settings, runs)).to_dict())
+        every_run = runs + [run for _, run in model_runs if run is not None]
+        write_json(plans[0], padding.sub_plan(plan, used_utterances(plan, settings, every_run)).to_dict())
         write_json(plans[1], plan.to_dict())
         for run in runs:
             out = run_worker(run, inputs, params_path, settings, work, log_dir, env, plans)
             backend = out.get("backend", backend)
             entries += [entry(raw) for raw in out["cases"]]
+        reference = next(e for e in entries if e["role"] == "throughput+memory")
+        model_rows = []
+        for model, run in model_runs:
+            if run is None:
+                model_rows.append(model_row(model, reference, reused=True))
+                continue
+            model_params = work / f"params.{run.name}.json"
+            model_params.write_text(json.dumps(benchmark_train_params(model.params)))
+            model_env = worker_env(int(model.params.get("threads_per_rank", 1)))
+            out = run_worker(run, inputs, model_params, settings, work, log_dir, model_env, plans)
+            model_rows.append(model_row(model, entry(out["cases"][0]), reused=False))
         prep = None
         if inputs.corpus is not None and settings.prep_workers and prep_settings is not None:
             from asrflow.benchmark import prep_scaling
@@ -380,8 +447,8 @@ def run_benchmark(inputs: Inputs, settings: BenchmarkSettings, train_params: Map
             log.info("data-prep scaling: %s workers on %d utterances", settings.prep_workers, settings.prep_utterances)
             prep = prep_scaling.measure(Path(inputs.corpus), settings.prep_utterances, settings.prep_workers,
                                         prep_settings, work / "prep", env={**env, "OMP_NUM_THREADS": "1"})
-    report = build_report(entries, settings, plan, train_params, training_batching, info, prep,
-                          time.perf_counter() - t0, backend)
+    report = build_report(entries, settings, plan, train_params, batching, info, prep,
+                          time.perf_counter() - t0, backend, model_rows)
     setting = str(train_params.get("precision", "auto"))
     report["training_precision"] = {"setting": setting, "resolves_to": resolve(setting, device)[1]}
     for p in (out_json, out_md, out_png):

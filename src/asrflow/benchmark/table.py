@@ -69,6 +69,26 @@ def details_table(throughput: Sequence[Mapping[str, Any]], scaling: Mapping[str,
                            "GPU util"], rows)
 
 
+def models_table(models: Sequence[Mapping[str, Any]]) -> str:
+    """One row per compared model: what it is, and its one-process training throughput."""
+    rows = [(r["label"], r["model"].get("name", "?"), f"{r['parameters']:,}", f"{r['trainable_parameters']:,}",
+             fmt(r["utt_per_s"]), fmt(r["audio_s_per_s"]), fmt(r["median_step_s"], 3), fmt(r["mean_step_s"], 3),
+             r["measured_steps"], fmt(r["peak_mem_mb"], 0)) for r in models]
+    return markdown_table(["variant", "model", "parameters", "trainable at step 0", "utt/s", "audio s/s",
+                           "median step (s)", "mean step (s)", "steps", "peak mem (MB)"], rows)
+
+
+def models_note(models: Sequence[Mapping[str, Any]]) -> str:
+    m = models[0]
+    note = (f"Each variant's training recipe, 1 process, {m['precision'].upper()}, its own batching, on the same "
+            "measured utterances as the tables above; throughput = utterances / total measured step time.")
+    if any(r["trainable_parameters"] < r["parameters"] for r in models):
+        # the rate of a frozen phase is not the rate after unfreeze_after_steps: say which one this is
+        note += (" Measured as training starts (step 0): a frozen pretrained encoder (`freeze`) gets no "
+                 "gradient, so its row is the frozen phase's rate, before any `unfreeze_after_steps`.")
+    return note
+
+
 def breakdown_table(throughput: Sequence[Mapping[str, Any]]) -> str:
     rows = [(config_label(t["precision"], t["processes"]), pct(t["loader_wait_share"], 1), pct(t["features_share"], 1),
              pct(1 - t["data_share"], 1)) for t in throughput]
@@ -161,12 +181,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
            "(N processes split the same batches). Throughput = utterances / total measured step time (slowest "
            "rank per step).  ",
            precision_note(report), "", *contention_note(report),
-           reference_table(report["throughput"]), "",
-           "## Throughput, scaling and step time", "",
-           details_table(report["throughput"], report["scaling"]), "",
-           "Scaling efficiency = throughput_N / (N × throughput_1). Data-loading share = (time waiting for the loader workers + feature "
-           "extraction and augmentation) / step time, summed over ranks.", "",
-           breakdown_table(report["throughput"]), ""]
+           reference_table(report["throughput"]), ""]
+    if report.get("models"):
+        out += ["## Throughput per model", "", models_table(report["models"]), "", models_note(report["models"]), ""]
+    out += ["## Throughput, scaling and step time", "",
+            details_table(report["throughput"], report["scaling"]), "",
+            "Scaling efficiency = throughput_N / (N × throughput_1). Data-loading share = (time waiting for the loader workers + feature "
+            "extraction and augmentation) / step time, summed over ranks.", "",
+            breakdown_table(report["throughput"]), ""]
     if report.get("batching"):
         out += ["## Batching (1 process, {})".format(report["batching"]["precision"].upper()), "",
                 batching_table(report["batching"]), "",

@@ -188,7 +188,8 @@ def measure_case(args: argparse.Namespace, base: dict[str, Any], spec: dict[str,
                 float(skipped), saved_mb]
     steps_all = gather(world, rows, f"steps.{name}")          # (ranks, steps, fields)
     ranks_all = gather(world, [rank_row], f"ranks.{name}")[:, 0, :]  # (ranks, fields)
-    parameters = count_parameters(ctx.model)
+    parameters = count_parameters(ctx.model)  # trainable ones: a frozen pretrained encoder's are not
+    total_parameters = count_parameters(ctx.model, trainable_only=False)
     device, amp_dtype = str(ctx.device), ctx.amp_dtype
     del ctx
     if not world.is_main:
@@ -213,6 +214,7 @@ def measure_case(args: argparse.Namespace, base: dict[str, Any], spec: dict[str,
         "case": case, "processes": world.size, "backend": world.backend, "device": device,
         "precision": precision_label(str(amp_dtype) if amp_dtype is not None else None),
         "threads_per_rank": params.threads_per_rank, "parameters": parameters,
+        "total_parameters": total_parameters,
         "warmup_steps_per_rank": len(warm), "steps_per_rank": len(measured),
         "utterances_in_set": len(schedule.utterances), "passes": schedule.passes,
         "per_step": per_step, "per_rank_step_s": steps_all[:, :, f["step_s"]].sum(dim=1).tolist(),
