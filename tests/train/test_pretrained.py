@@ -470,6 +470,32 @@ def test_exported_model_rebuilds_in_transcribe_without_its_checkpoint(kind, requ
             torch.testing.assert_close(got[i, :n], ref[0], atol=1e-5, rtol=0)
 
 
+def test_exported_wav2vec2_pickles_for_mlflow_with_the_same_outputs(tmp_path):
+    """mlflow.pytorch's pickle refuses parametrized modules (wav2vec2's weight-normed positional conv):
+    the logged copy has them baked in and computes the same emissions."""
+    import io
+
+    import cloudpickle
+
+    from asrflow.train.run import without_parametrizations
+    from asrflow.transcribe import emissions, load_model
+
+    src, _ = write_hf_w2v(tmp_path / "src")
+    vocab = CharVocab(["<blank>", *"abcdefgh"])
+    model = build_model({"name": "wav2vec2", "checkpoint": str(src), "dropout": 0.0}, len(vocab), 80).eval()
+    _export(model, vocab, tmp_path / "model.pt")
+    rec = load_model(tmp_path / "model.pt")
+    with pytest.raises(RuntimeError, match="parametrized"):
+        torch.save(rec, io.BytesIO(), pickle_module=cloudpickle)  # what mlflow.pytorch.save_model does
+    waves = [torch.randn(7000) * 0.1]
+    before, _ = emissions(rec, waves)
+    buffer = io.BytesIO()
+    torch.save(without_parametrizations(rec), buffer, pickle_module=cloudpickle)
+    buffer.seek(0)
+    after, _ = emissions(torch.load(buffer, weights_only=False), waves)
+    torch.testing.assert_close(after, before)
+
+
 def _tiny_conformer(vocab_size):
     return build_model({"name": "conformer", "d_model": 16, "num_heads": 2, "ffn_dim": 16, "num_layers": 1,
                         "kernel_size": 3, "subsampling_channels": 4, "dropout": 0.0}, vocab_size, 20)

@@ -228,12 +228,25 @@ def finish(args: argparse.Namespace, ctx: Context, state: TrainState, tracker, e
     log.info("done: %s", state.stop_reason)
 
 
+def without_parametrizations(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every parametrization baked into a plain tensor, in place: pickling refuses
+    parametrized modules (wav2vec2's weight-normed positional convolution), and the network it computes is
+    the same (a copy loaded for logging, never trained further)."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return model
+
+
 def log_pytorch_model(tracker, model_path: Path) -> None:
     """Log the trained network with mlflow.pytorch (a loadable torch model) next to the raw checkpoint,
     through the run's journal: a tracking server that is down at the end does not fail the training."""
     from asrflow.transcribe import load_model
 
-    model = load_model(model_path)
+    model = without_parametrizations(load_model(model_path))
     # pickle: the Recognizer takes (waves, lengths), which the traced pt2 format cannot infer from one example
     tracker.pytorch_model(model, name="model", serialization_format="pickle",
                           pip_requirements=["torch==2.11.0", "torchaudio==2.11.0", "asrflow"])
