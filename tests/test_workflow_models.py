@@ -1,0 +1,118 @@
+"""The workflow on config/small.yaml with each model name: the from-scratch conformer and one variant per
+pretrained encoder (whisper_encoder and wav2vec2, from tiny random Hugging Face checkpoints written here),
+trained, evaluated, benchmarked side by side, and transcribing with model.pt alone."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from asrflow.manifest import read_manifest, read_records
+from .pretrained_checkpoints import WHISPER_30S_POSITIONS, write_hf_w2v, write_hf_whisper
+
+from .test_workflow import snakemake
+
+pytestmark = pytest.mark.slow
+
+MODEL_OF_VARIANT = {"full": "conformer", "whisper": "whisper_encoder", "w2v": "wav2vec2"}
+
+
+def override_yaml(whisper: Path, w2v: Path) -> str:
+    # The pretrained variants take a few steps only: the test is about the plumbing (checkpoint in, model.pt
+    # out, evaluation, benchmark, transcription), not their accuracy; unfreezing mid-run exercises the
+    # schedule the real transfer recipe uses.
+    return f"""
+experiment: asrflow-small-models
+training:
+  run_variants: [full, whisper, w2v]
+  variants:
+    whisper:
+      model: {{name: whisper_encoder, checkpoint: "{whisper}", freeze: all, unfreeze_after_steps: 4,
+              pretrained_lr_scale: 0.1, head_lstm_layers: 0}}
+      max_steps: 8
+    w2v:
+      model: {{name: wav2vec2, checkpoint: "{w2v}", freeze: 1}}
+      max_steps: 8
+benchmark: {{steps: 2, warmup_steps: 1, processes: [1], precisions: [fp32], batching: [dynamic],
+            gradient_checkpointing: false, prep_workers: []}}
+"""
+
+
+@pytest.fixture(scope="module")
+def models_run(tmp_path_factory):
+    pytest.importorskip("transformers", reason="transformers writes the tiny checkpoints")
+    root = tmp_path_factory.mktemp("wf_models")
+    checkpoints = root / "checkpoints"
+    # 30 s of positions: the small corpus has utterances up to 15 s (the test-sized default is 1 s)
+    whisper, _ = write_hf_whisper(checkpoints / "whisper", max_source_positions=WHISPER_30S_POSITIONS)
+    w2v, _ = write_hf_w2v(checkpoints / "w2v")
+    work = root / "work"
+    work.mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    snakemake(work, env=env, override=override_yaml(whisper, w2v))
+    # from here on the exported models must stand alone
+    checkpoints.rename(root / "checkpoints.moved")
+    return {"work": work, "env": env}
+
+
+@pytest.mark.parametrize("variant", list(MODEL_OF_VARIANT))
+def test_each_variant_trained_its_model(models_run, variant):
+    out = models_run["work"] / "results/train" / variant
+    exported = torch.load(out / "model.pt", map_location="cpu", weights_only=False)
+    assert exported["model_config"]["name"] == MODEL_OF_VARIANT[variant]
+    assert json.loads((out / "params.json").read_text())["model"]["name"] == MODEL_OF_VARIANT[variant]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] > 0 and summary["world_size"] == 2
+    if variant != "full":
+        assert summary["global_step"] <= 8  # max_steps
+
+
+@pytest.mark.parametrize("variant", list(MODEL_OF_VARIANT))
+def test_each_variant_was_evaluated(models_run, variant):
+    work = models_run["work"]
+    metrics = json.loads((work / "results/eval" / variant / "metrics.json").read_text())
+    clean = metrics["by_condition"]["greedy"]["clean"]
+    assert clean["utterances"] > 0
+    for value in (clean["cer"], clean["wer"], *metrics["headline"].values()):
+        assert isinstance(value, (int, float)) and math.isfinite(value)
+    hyps = read_records(work / "results/eval" / variant / "hypotheses.jsonl")
+    assert {h["condition"] for h in hyps} >= {"clean", "10", "0"}
+
+
+def test_benchmark_has_a_row_per_model(models_run):
+    work = models_run["work"]
+    rows = json.loads((work / "results/benchmark/benchmark.json").read_text())["models"]
+    assert [(r["label"], r["model"]["name"]) for r in rows] == list(MODEL_OF_VARIANT.items())
+    for r in rows:
+        assert math.isfinite(r["utt_per_s"]) and r["utt_per_s"] > 0
+        assert math.isfinite(r["audio_s_per_s"]) and r["audio_s_per_s"] > 0
+    md = (work / "results/benchmark/benchmark.md").read_text()
+    for variant, name in MODEL_OF_VARIANT.items():
+        assert f"| {variant} | {name} |" in md
+
+
+@pytest.mark.parametrize("variant", list(MODEL_OF_VARIANT))
+def test_transcribe_with_the_exported_model_alone(models_run, variant):
+    """model.pt is enough (the pretrained checkpoint folders were moved away), and asrflow-transcribe decodes
+    a test file as the evaluation did."""
+    work = models_run["work"]
+    assert not (work.parent / "checkpoints").exists() and (work.parent / "checkpoints.moved" / "whisper").is_dir()
+    test_utt = next(u for u in read_manifest(work / "results/prep/truncated.jsonl") if u.split == "test")
+    cli = str(Path(sys.executable).with_name("asrflow-transcribe"))
+    proc = subprocess.run([cli, "--model", str(work / "results/train" / variant / "model.pt"), test_utt.audio],
+                          capture_output=True, text=True, timeout=300, env=models_run["env"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, _, text = proc.stdout.strip("\n").partition("\t")
+    assert name == test_utt.audio
+    assert set(text) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
+    if variant == "w2v":
+        return  # its feature encoder's group norm spans the batch's padding: a lone file decodes apart from a batch
+    evaluated = next(h for h in read_records(work / "results/eval" / variant / "hypotheses.jsonl")
+                     if h["id"] == test_utt.id and h["condition"] == "clean" and h["decoder"] == "greedy")
+    assert text == evaluated["hyp"]
+
