@@ -11,6 +11,8 @@ rule benchmark:
         cmvn="results/prep/cmvn.json",
         noise="results/noise/manifest.jsonl",
         corpus="results/corpus/manifest.jsonl",
+        # a model that trains from a frozen-encoder cache is measured training from it
+        encoder_caches=lambda wc: [p for m in benchmark_models() for p in encoder_cache_index(m["label"])],
     output:
         json="results/benchmark/benchmark.json",
         md="results/benchmark/benchmark.md",

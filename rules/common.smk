@@ -105,7 +105,13 @@ def benchmark_models():
     """(variant, recipe) of each model the per-model table compares: `benchmark.models`, default every trained
     variant. Only the recipes are read (a fresh model per row), so the rule needs no trained model."""
     variants = config.get("benchmark", {}).get("models") or config["training"]["run_variants"]
-    return [{"label": v, "params": variant_train_params(v)} for v in variants]
+    return [{"label": v, "params": variant_train_params(v),
+             "encoder_cache": next((os.path.dirname(p) for p in encoder_cache_index(v)), None)} for v in variants]
+
+
+def encoder_cache_index(variant):
+    """The frozen-encoder cache a variant with ``encoder_cache: true`` trains from (rule encoder_cache)."""
+    return [f"results/train/{variant}/encoder_cache/index.json"] if variant_params(variant).get("encoder_cache") else []
 
 
 def train_run_config(variant):

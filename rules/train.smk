@@ -23,6 +23,32 @@ rule cmvn:
         f"{SCRIPTS}/cmvn.py"
 
 
+rule encoder_cache:
+    """A frozen pretrained encoder's outputs for the variant's training and dev utterances, computed
+    once, so that its steps train only the head (asrflow.train.pretrained.encoder_cache)."""
+    input:
+        manifest="results/prep/truncated.jsonl",
+        plan="results/prep/buckets.json",
+        vocab="results/prep/vocab.json",
+    output:
+        index="results/train/{variant}/encoder_cache/index.json",
+        frames="results/train/{variant}/encoder_cache/frames.f16",
+    log:
+        "logs/train/{variant}.encoder_cache.log",
+    benchmark:
+        "benchmarks/train/{variant}.encoder_cache.tsv"
+    params:
+        train_json=lambda wc: json.dumps(variant_train_params(wc.variant)),
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/training.yaml"
+    script:
+        f"{SCRIPTS}/encoder_cache.py"
+
+
 rule train:
     input:
         manifest="results/prep/truncated.jsonl",
@@ -30,6 +56,7 @@ rule train:
         vocab="results/prep/vocab.json",
         cmvn="results/prep/cmvn.json",
         noise="results/noise/manifest.jsonl",
+        encoder_cache=lambda wc: encoder_cache_index(wc.variant),
     output:
         model="results/train/{variant}/model.pt",
         summary="results/train/{variant}/train_summary.json",
@@ -51,6 +78,7 @@ rule train:
         tracking=config["mlflow"].get("tracking_uri") or "",
         out_dir=lambda wc: f"results/train/{wc.variant}",
         env_bin=SNAKEMAKE_ENV_BIN,
+        encoder_cache=lambda wc: " ".join(f"--encoder-cache {os.path.dirname(p)}" for p in encoder_cache_index(wc.variant)),
     threads: lambda wc: variant_np(wc.variant)
     resources:
         mem_mb=6000,
@@ -72,5 +100,5 @@ rule train:
           --cmvn {input.cmvn} --noise {input.noise} --out-dir {params.out_dir} --experiment {params.experiment} \
           --tracking-uri={params.tracking} --log-dir logs/train/{wildcards.variant}.ranks --archive-stale-checkpoints \
           --params {params.out_dir}/params.json --run-config {params.out_dir}/run_config.json \
-          --frontend {params.out_dir}/frontend.json > {log} 2>&1
+          --frontend {params.out_dir}/frontend.json {params.encoder_cache} > {log} 2>&1
         """

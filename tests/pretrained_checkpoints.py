@@ -55,13 +55,14 @@ def write_hf_w2v(folder: Path, class_name: str = "Wav2Vec2Model"):
     return Path(folder), model
 
 
-def write_tiny_ct2_whisper(folder: Path, seed: int = 0):
-    """A tiny random Whisper encoder as a CTranslate2 model.bin, written by our own writer (no transformers)."""
+def write_tiny_ct2_whisper(folder: Path, seed: int = 0, max_positions: int = 50):
+    """A tiny random Whisper encoder as a CTranslate2 model.bin, written by our own writer (no transformers);
+    ``max_positions`` output frames of 20 ms are the longest input it takes."""
     from asrflow.train.pretrained.checkpoints import write_ct2_model_bin
     from asrflow.train.pretrained.whisper import WhisperEncoder, encoder_to_ct2_variables
 
     torch.manual_seed(seed)
-    encoder = WhisperEncoder(80, 32, 2, 4, 64, 50)
+    encoder = WhisperEncoder(80, 32, 2, 4, 64, max_positions)
     randomize(encoder, seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

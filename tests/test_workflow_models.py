@@ -18,7 +18,8 @@ from .test_workflow import snakemake
 
 pytestmark = pytest.mark.slow
 
-MODEL_OF_VARIANT = {"full": "conformer", "whisper": "whisper_encoder", "w2v": "wav2vec2"}
+MODEL_OF_VARIANT = {"full": "conformer", "whisper": "whisper_encoder", "w2v": "wav2vec2",
+                    "whisper_cached": "whisper_encoder"}
 
 
 def override_yaml(whisper: Path, w2v: Path) -> str:
@@ -28,7 +29,7 @@ def override_yaml(whisper: Path, w2v: Path) -> str:
     return f"""
 experiment: asrflow-small-models
 training:
-  run_variants: [full, whisper, w2v]
+  run_variants: [full, whisper, w2v, whisper_cached]
   variants:
     whisper:
       model: {{name: whisper_encoder, checkpoint: "{whisper}", freeze: all, unfreeze_after_steps: 4,
@@ -36,6 +37,12 @@ training:
       max_steps: 8
     w2v:
       model: {{name: wav2vec2, checkpoint: "{w2v}", freeze: 1}}
+      max_steps: 8
+    whisper_cached:   # the head alone, on the frozen encoder's outputs cached by the rule encoder_cache
+      model: {{name: whisper_encoder, checkpoint: "{whisper}", freeze: all, head_lstm_layers: 0}}
+      encoder_cache: true
+      noise: {{enabled: false}}
+      specaugment: {{enabled: false}}
       max_steps: 8
 benchmark: {{steps: 2, warmup_steps: 1, processes: [1], precisions: [fp32], batching: [dynamic],
             gradient_checkpointing: false, prep_workers: []}}
@@ -116,3 +123,23 @@ def test_transcribe_with_the_exported_model_alone(models_run, variant):
                      if h["id"] == test_utt.id and h["condition"] == "clean" and h["decoder"] == "greedy")
     assert text == evaluated["hyp"]
 
+
+
+def test_the_cached_variant_trained_its_head_on_the_encoder_cache(models_run):
+    """The rule encoder_cache ran once, the training rule read from it, and the exported model holds the
+    checkpoint's encoder unchanged (so it transcribes from audio like the uncached variants)."""
+    work = models_run["work"]
+    index = json.loads((work / "results/train/whisper_cached/encoder_cache/index.json").read_text())
+    planned = {u["id"] for u in json.loads((work / "results/prep/buckets.json").read_text())["utterances"]}
+    assert set(planned) <= set(index["utterances"])
+    assert (work / "benchmarks/train/whisper_cached.encoder_cache.tsv").exists()
+    assert "training the head on cached encoder outputs" in (work / "logs/train/whisper_cached.log").read_text()
+    from asrflow.train.models import build_model
+
+    exported = torch.load(work / "results/train/whisper_cached/model.pt", map_location="cpu", weights_only=False)
+    config = dict(exported["model_config"], checkpoint=str(models_run["work"].parent / "checkpoints.moved" / "whisper"))
+    reference = build_model(config, exported["model"]["head.weight"].shape[0], 80).state_dict()
+    for k, v in exported["model"].items():
+        if k.startswith("encoder."):
+            assert torch.equal(v, reference[k]), k
+    assert not torch.equal(exported["model"]["head.weight"], reference["head.weight"])

@@ -15,7 +15,7 @@ with step_run(smk, "benchmark") as run:
     report = run_benchmark(inputs, settings, benchmark_train_params(p.train, p.model), ResampleSettings(**p.prep),
                            Path(smk.output.json), Path(smk.output.md), Path(smk.output.png),
                            Path(smk.log[0]).with_suffix(".workers"),
-                           models=[ModelUnderTest(m["label"], m["params"]) for m in p.models])
+                           models=[ModelUnderTest(m["label"], m["params"], m.get("encoder_cache")) for m in p.models])
     run.params({f"benchmark.device.{k}": v for k, v in report["device"].items()} |
                {"benchmark.parameters": report["model"]["parameters"]})
     run.metrics(mlflow_metrics(report))

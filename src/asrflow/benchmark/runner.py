@@ -171,6 +171,7 @@ class ModelUnderTest:
     """One row of the per-model table: a training variant's recipe, as its workers get it."""
     label: str                 # the variant's name
     params: dict[str, Any]     # its training recipe (launcher keys dropped)
+    encoder_cache: str | None = None  # its frozen-encoder cache folder, for a recipe with encoder_cache: true
 
 
 def recipe_batching(train_params: Mapping[str, Any]) -> str:
@@ -253,7 +254,8 @@ def used_utterances(plan: BucketPlan, settings: BenchmarkSettings, runs: list[Wo
 
 
 def worker_command(run: WorkerRun, inputs: Inputs, params: Path, spec: Path, out: Path, log_dir: Path,
-                   horovod_args: str = "--gloo", plans: tuple[Path, Path] | None = None) -> list[str]:
+                   horovod_args: str = "--gloo", plans: tuple[Path, Path] | None = None,
+                   encoder_cache: str | None = None) -> list[str]:
     load_plan, schedule_plan = plans or (inputs.plan, inputs.plan)
     cmd = [sys.executable, "-m", "asrflow.benchmark.worker", "--manifest", str(inputs.manifest),
            "--plan", str(load_plan), "--schedule-plan", str(schedule_plan), "--vocab", str(inputs.vocab),
@@ -261,6 +263,8 @@ def worker_command(run: WorkerRun, inputs: Inputs, params: Path, spec: Path, out
            "--params", str(params), "--spec", str(spec), "--out", str(out), "--log-dir", str(log_dir)]
     if inputs.noise is not None:
         cmd += ["--noise", str(inputs.noise)]
+    if encoder_cache:
+        cmd += ["--encoder-cache", str(encoder_cache)]
     if run.processes > 1:
         cmd = [horovodrun(), "-np", str(run.processes), "-H", f"localhost:{run.processes}",
                *shlex.split(horovod_args), *cmd]
@@ -268,12 +272,14 @@ def worker_command(run: WorkerRun, inputs: Inputs, params: Path, spec: Path, out
 
 
 def run_worker(run: WorkerRun, inputs: Inputs, params: Path, settings: BenchmarkSettings, work: Path,
-               log_dir: Path, env: dict[str, str], plans: tuple[Path, Path] | None = None) -> dict[str, Any]:
+               log_dir: Path, env: dict[str, str], plans: tuple[Path, Path] | None = None,
+               encoder_cache: str | None = None) -> dict[str, Any]:
     spec = work / f"{run.name}.spec.json"
     out = work / f"{run.name}.out.json"
     write_json(spec, {"seed": settings.seed, "steps": settings.steps, "warmup_steps": settings.warmup_steps,
                       "cases": run.cases})
-    cmd = worker_command(run, inputs, params, spec, out, log_dir / f"{run.name}.ranks", settings.horovod_args, plans)
+    cmd = worker_command(run, inputs, params, spec, out, log_dir / f"{run.name}.ranks", settings.horovod_args, plans,
+                         encoder_cache)
     log_path = log_dir / f"{run.name}.log"
     log.info("%s: %s", run.name, " ".join(shlex.quote(c) for c in cmd))
     t0 = time.perf_counter()
@@ -438,7 +444,7 @@ def run_benchmark(inputs: Inputs, settings: BenchmarkSettings, train_params: Map
             model_params = work / f"params.{run.name}.json"
             model_params.write_text(json.dumps(benchmark_train_params(model.params)))
             model_env = worker_env(int(model.params.get("threads_per_rank", 1)))
-            out = run_worker(run, inputs, model_params, settings, work, log_dir, model_env, plans)
+            out = run_worker(run, inputs, model_params, settings, work, log_dir, model_env, plans, model.encoder_cache)
             model_rows.append(model_row(model, entry(out["cases"][0]), reused=False))
         prep = None
         if inputs.corpus is not None and settings.prep_workers and prep_settings is not None:

@@ -42,6 +42,10 @@ class Batch:
     targets: torch.Tensor      # (B, S) int64, padded with 0 beyond target_lens
     target_lens: torch.Tensor  # (B,)
     dialects: list[str]
+    # a run trained from the frozen-encoder cache (asrflow.train.pretrained.encoder_cache) reads the
+    # encoder's cached outputs instead of audio: waves is then (B, 0) and wave_lens the measured durations
+    encoded: torch.Tensor | None = None       # (B, T', d_model) float32
+    encoded_lens: torch.Tensor | None = None  # (B,)
 
     @property
     def audio_seconds(self) -> float:
@@ -49,8 +53,9 @@ class Batch:
 
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pinning thread on CUDA (``pin_memory=True``)."""
-        return Batch(self.ids, self.waves.pin_memory(), self.wave_lens.pin_memory(), self.targets.pin_memory(),
-                     self.target_lens.pin_memory(), self.dialects)
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(self.ids, pin(self.waves), pin(self.wave_lens), pin(self.targets), pin(self.target_lens),
+                     self.dialects, pin(self.encoded), pin(self.encoded_lens))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,24 +118,31 @@ class BatchReader(torch.utils.data.Dataset):
     Runs in the loader workers. Deterministic: the same request gives the same tensors in any process.
     """
 
-    def __init__(self, vocab: CharVocab, index: UtteranceIndex | None = None):
+    def __init__(self, vocab: CharVocab, index: UtteranceIndex | None = None, encoded=None):
         self.vocab, self.index = vocab, index
+        self.encoded = encoded  # an EncoderCache: read cached encoder outputs instead of audio
 
     def __getitem__(self, item: "BatchRequest | Sequence[str]") -> Batch:
         request = item if item and isinstance(item[0], tuple) else self.index.request(item)
         ids = [uid for uid, _ in request]
         metas = [m for _, m in request]
-        waves = [read_samples(m.audio) for m in metas]
-        lens = torch.tensor([len(w) for w in waves], dtype=torch.long)
-        padded = torch.zeros(len(waves), max(1, int(lens.max())))
-        for row, w in enumerate(waves):
-            padded[row, : len(w)] = torch.from_numpy(w)
+        hidden = hidden_lens = None
+        if self.encoded is not None:
+            hidden, hidden_lens = self.encoded.read(ids)
+            lens = torch.tensor([round(m.duration * SAMPLE_RATE) for m in metas], dtype=torch.long)
+            padded = torch.zeros(len(ids), 0)
+        else:
+            waves = [read_samples(m.audio) for m in metas]
+            lens = torch.tensor([len(w) for w in waves], dtype=torch.long)
+            padded = torch.zeros(len(waves), max(1, int(lens.max())))
+            for row, w in enumerate(waves):
+                padded[row, : len(w)] = torch.from_numpy(w)
         encoded = [self.vocab.encode(m.text) for m in metas]
         tlens = torch.tensor([len(t) for t in encoded], dtype=torch.long)
         targets = torch.zeros(len(ids), max(1, int(tlens.max())), dtype=torch.long)
         for row, t in enumerate(encoded):
             targets[row, : len(t)] = torch.tensor(t, dtype=torch.long)
-        return Batch(ids, padded, lens, targets, tlens, [m.dialect for m in metas])
+        return Batch(ids, padded, lens, targets, tlens, [m.dialect for m in metas], hidden, hidden_lens)
 
     def __len__(self) -> int:  # DataLoader asks; sampling is by request, never by position
         return len(self.index) if self.index is not None else 0
@@ -159,15 +171,15 @@ class BatchLoader:
     """
 
     def __init__(self, index: UtteranceIndex, vocab: CharVocab, workers: int = 1, prefetch_factor: int = 2,
-                 persistent_workers: bool = True, pin_memory: bool = False):
+                 persistent_workers: bool = True, pin_memory: bool = False, encoded=None):
         self.index, self.workers = index, int(workers)
-        self.reader = BatchReader(vocab, index)  # for reads in this process (tests, probes)
+        self.reader = BatchReader(vocab, index, encoded)  # for reads in this process (tests, probes)
         self.order = _EpochOrder(index)
         options = {}
         if self.workers > 0:
             options = {"prefetch_factor": int(prefetch_factor), "persistent_workers": bool(persistent_workers)}
         # batch_size=None: the sampler's items are already batches; the workers' reader has no index
-        self.loader = torch.utils.data.DataLoader(BatchReader(vocab), sampler=self.order, batch_size=None,
+        self.loader = torch.utils.data.DataLoader(BatchReader(vocab, encoded=encoded), sampler=self.order, batch_size=None,
                                                   num_workers=self.workers, pin_memory=pin_memory, **options)
         self.wait_seconds = 0.0
 

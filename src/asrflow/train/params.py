@@ -10,6 +10,7 @@ class TrainParams:
     variant: str = "full"
     model: dict[str, Any] = field(default_factory=lambda: {"name": "conformer"})
     init_from: str | None = None         # an earlier asrflow model.pt to start a fresh run from (not on resume)
+    encoder_cache: bool = False          # train the head on cached frozen-encoder outputs (rule encoder_cache)
     n_mels: int = 80
     epochs: int = 30
     max_steps: int = 0                  # 0: no limit

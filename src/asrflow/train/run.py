@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--frontend", type=Path, default=None,
                     help="JSON of the waveform front end prep applied (asrflow.loudness.Frontend: sample rate, "
                          "loudness target and ceiling); exported with the model so inference applies the same")
+    ap.add_argument("--encoder-cache", type=Path, default=None,
+                    help="folder of cached frozen-encoder outputs (rule encoder_cache), for encoder_cache: true")
     ap.add_argument("--archive-stale-checkpoints", action="store_true",
                     help="move checkpoints of another configuration aside and start fresh (the workflow's "
                          "rerun after a recipe change) instead of refusing them")
@@ -77,30 +79,13 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     vocab = CharVocab.load(args.vocab)
     plan_text = args.plan.read_text()
     plan = BucketPlan.from_dict(json.loads(plan_text))
-    # One streaming pass over the manifest, keeping metadata only (the plan's training utterances and
-    # the dev set): no list of every utterance, and no audio, which the loader workers read.
-    index, dev = UtteranceIndex(()), []
-    for u in iter_manifest(args.manifest):
-        if u.id in plan.durations:
-            index.add(u)
-        elif u.split == "dev":
-            dev.append(u)
-    dev = sorted(dev, key=lambda u: u.id)
-    if params.dev_max_utterances:
-        dev = dev[: params.dev_max_utterances]
-    for u in dev:
-        index.add(u)
-    dev_ids = {u.id for u in dev}
-    if len(index) < len(plan.durations) + len(dev_ids):
-        missing = set(plan.durations) - set(index.meta)
-        raise ValueError(f"{args.plan}: {len(missing)} planned utterance(s) not in {args.manifest}, "
-                         f"e.g. {sorted(missing)[:3]}: rebuild the plan (rule bucketing)")
-    loader = BatchLoader(index, vocab, workers=params.loader_workers,
-                         prefetch_factor=params.prefetch_factor, persistent_workers=params.persistent_workers,
-                         pin_memory=device.type == "cuda")
+    index, dev_ids = load_index(args.manifest, args.plan, params, plan)
     cmvn = GlobalCMVN.load(args.cmvn)
     torch.manual_seed(params.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
     model = build_model(params.model, len(vocab), params.n_mels, cmvn=cmvn).to(device)
+    loader = BatchLoader(index, vocab, workers=params.loader_workers,
+                         prefetch_factor=params.prefetch_factor, persistent_workers=params.persistent_workers,
+                         pin_memory=device.type == "cuda", encoded=open_encoder_cache(args, params, model, index))
     if params.sync_batchnorm:
         model = world.sync_batchnorm(model)
     amp_dtype, use_scaler = resolve_precision(params.precision, device)
@@ -133,6 +118,50 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
         aug=build_augmenters(params, args.noise, frontend), sampler=sampler, index=index, loader=loader,
         dev_ids=sorted(dev_ids), train_probe_ids=train_probe_ids(plan, params), class_weights=weights,
         total_steps=params.max_steps or params.epochs * len(sampler), out_dir=args.out_dir, spec=spec)
+
+
+def load_index(manifest: Path, plan_path: Path, params: TrainParams,
+               plan: BucketPlan | None = None) -> tuple[UtteranceIndex, set[str]]:
+    """The metadata of the plan's training utterances and of the dev set (``dev_max_utterances`` of it),
+    in one streaming pass over the manifest: no list of every utterance, and no audio, which the loader
+    workers read. Returns (index, dev ids)."""
+    plan = plan or BucketPlan.from_dict(json.loads(plan_path.read_text()))
+    index, dev = UtteranceIndex(()), []
+    for u in iter_manifest(manifest):
+        if u.id in plan.durations:
+            index.add(u)
+        elif u.split == "dev":
+            dev.append(u)
+    dev = sorted(dev, key=lambda u: u.id)
+    if params.dev_max_utterances:
+        dev = dev[: params.dev_max_utterances]
+    for u in dev:
+        index.add(u)
+    dev_ids = {u.id for u in dev}
+    if len(index) < len(plan.durations) + len(dev_ids):
+        missing = set(plan.durations) - set(index.meta)
+        raise ValueError(f"{plan_path}: {len(missing)} planned utterance(s) not in {manifest}, "
+                         f"e.g. {sorted(missing)[:3]}: rebuild the plan (rule bucketing)")
+    return index, dev_ids
+
+
+def open_encoder_cache(args: argparse.Namespace, params: TrainParams, model: torch.nn.Module, index: UtteranceIndex):
+    """The frozen-encoder cache a run with ``encoder_cache: true`` trains from, checked against the model
+    and the utterances; None for every other run."""
+    if not params.encoder_cache:
+        return None
+    from asrflow.train.pretrained.encoder_cache import EncoderCache, EncoderCacheError, check_recipe
+
+    check_recipe(params)
+    folder = getattr(args, "encoder_cache", None)
+    if folder is None:
+        raise EncoderCacheError("encoder_cache: true, but no --encoder-cache folder was given (the workflow's rule "
+                                "encoder_cache writes results/train/<variant>/encoder_cache)")
+    cache = EncoderCache(folder)
+    cache.check(model.model_config, index.ids())
+    log.info("training the head on cached encoder outputs from %s (%d utterances, %d frames x %d)", folder,
+             len(cache.rows), cache.n_frames, cache.d_model)
+    return cache
 
 
 def train_probe_ids(plan: BucketPlan, params: TrainParams) -> list[str]:

@@ -122,12 +122,22 @@ def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmente
     return feats, feat_lens
 
 
+def forward_batch(model, batch: Batch, logmel, aug, device, amp_dtype):
+    """(log_probs, out_lens) of one batch, for training and dev alike: from the frozen encoder's cached
+    outputs when the batch carries them (only the head runs), else from its audio."""
+    if batch.encoded is not None:
+        with autocast_context(device, amp_dtype):
+            return model.forward_encoded(batch.encoded.to(device, non_blocking=True),
+                                         batch.encoded_lens.to(device, non_blocking=True))
+    feats, feat_lens = features(batch, logmel, model, aug, device)
+    with autocast_context(device, amp_dtype):
+        return model(feats, feat_lens, normalized=True)
+
+
 def compute_loss(model, loss_fn, batch: Batch, logmel, aug, device, amp_dtype, weights, inter_ctc_weight: float = 0.0):
     """The training loss of one batch; with an intermediate CTC head (``model.inter_ctc_layer``),
     (1 - w)·loss(final) + w·loss(intermediate), as Lee & Watanabe (2021) train it."""
-    feats, feat_lens = features(batch, logmel, model, aug, device)
-    with autocast_context(device, amp_dtype):
-        log_probs, out_lens = model(feats, feat_lens, normalized=True)
+    log_probs, out_lens = forward_batch(model, batch, logmel, aug, device, amp_dtype)
     w = torch.tensor([weights[d] for d in batch.dialects], device=device) if weights else None
     targets, target_lens = batch.targets.to(device), batch.target_lens.to(device)
     out = loss_fn(log_probs.float(), out_lens, targets, target_lens, w)
@@ -361,9 +371,7 @@ def evaluate_dev(ctx: "Context", ids: Sequence[str] | None = None, prefix: str =
     ids = list(ctx.dev_ids if ids is None else ids)[world.rank::world.size]
     loss_sum, n, char_err, char_ref, word_err, word_ref = 0.0, 0, 0, 0, 0, 0
     for batch in ctx.loader.batches([ids[start:start + 16] for start in range(0, len(ids), 16)]):
-        feats, feat_lens = features(batch, ctx.logmel, model, None, ctx.device)
-        with autocast_context(ctx.device, ctx.amp_dtype):
-            log_probs, out_lens = model(feats, feat_lens, normalized=True)
+        log_probs, out_lens = forward_batch(model, batch, ctx.logmel, None, ctx.device, ctx.amp_dtype)
         out = ctx.eval_loss_fn(log_probs.float(), out_lens, batch.targets.to(ctx.device), batch.target_lens.to(ctx.device))
         loss_sum += float(out.loss) * len(batch.ids)
         n += len(batch.ids)
