@@ -114,6 +114,13 @@ def encoder_cache_index(variant):
     return [f"results/train/{variant}/encoder_cache/index.json"] if variant_params(variant).get("encoder_cache") else []
 
 
+def init_from_input(variant):
+    """The parent model a variant starts from (``init_from``), as an input: another variant's
+    results/train/<name>/model.pt is trained first, in the same DAG; a missing file stops the DAG at once."""
+    path = variant_params(variant).get("init_from")
+    return [path] if path else []
+
+
 def train_run_config(variant):
     """The part of the config a training run depends on (recorded as its MLflow params)."""
     return {"experiment": config["experiment"], "seed": config["seed"], "horovod": config["horovod"],

@@ -57,6 +57,7 @@ rule train:
         cmvn="results/prep/cmvn.json",
         noise="results/noise/manifest.jsonl",
         encoder_cache=lambda wc: encoder_cache_index(wc.variant),
+        parent=lambda wc: init_from_input(wc.variant),
     output:
         model="results/train/{variant}/model.pt",
         summary="results/train/{variant}/train_summary.json",

@@ -34,6 +34,16 @@ else
   src="$work/horovod-$VERSION"
   sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
   grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || { echo "horovod: C++17 patch did not apply" >&2; exit 1; }
+  if [ "$variant" = cpu ]; then
+    # With torch's CUDA wheels, Horovod's FindPytorch calls torch "CUDA" whenever torch finds a CUDA_HOME
+    # (any nvcc on PATH, e.g. a stray pip one), and then builds its torch extension as a CUDA extension
+    # that needs the CUDA toolkit's cudart and headers. The CPU wheel needs none of it: torch counts as
+    # CPU-only for this build.
+    sed -i 's/^string(TOUPPER "${Pytorch_CUDA}" Pytorch_CUDA)$/&\nif("$ENV{ASRFLOW_HOROVOD_CPU_BUILD}" STREQUAL "1")\n    set(Pytorch_CUDA FALSE)\nendif()/' \
+      "$src/cmake/Modules/FindPytorch.cmake"
+    grep -q 'ASRFLOW_HOROVOD_CPU_BUILD' "$src/cmake/Modules/FindPytorch.cmake" || { echo "horovod: CPU-build patch did not apply" >&2; exit 1; }
+    export ASRFLOW_HOROVOD_CPU_BUILD=1
+  fi
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
          HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=GLOO
   if [ "$variant" = cuda ]; then

@@ -19,7 +19,7 @@ from .test_workflow import snakemake
 pytestmark = pytest.mark.slow
 
 MODEL_OF_VARIANT = {"full": "conformer", "whisper": "whisper_encoder", "w2v": "wav2vec2",
-                    "whisper_cached": "whisper_encoder"}
+                    "whisper_cached": "whisper_encoder", "whisper_ft": "whisper_encoder"}
 
 
 def override_yaml(whisper: Path, w2v: Path) -> str:
@@ -29,7 +29,7 @@ def override_yaml(whisper: Path, w2v: Path) -> str:
     return f"""
 experiment: asrflow-small-models
 training:
-  run_variants: [full, whisper, w2v, whisper_cached]
+  run_variants: [full, whisper, w2v, whisper_cached, whisper_ft]
   variants:
     whisper:
       model: {{name: whisper_encoder, checkpoint: "{whisper}", freeze: all, unfreeze_after_steps: 4,
@@ -44,6 +44,10 @@ training:
       noise: {{enabled: false}}
       specaugment: {{enabled: false}}
       max_steps: 8
+    whisper_ft:       # then everything fine-tuned from that model: init_from makes it a DAG input
+      model: {{name: whisper_encoder, checkpoint: "{whisper}", freeze: none, head_lstm_layers: 0}}
+      init_from: results/train/whisper_cached/model.pt
+      max_steps: 4
 benchmark: {{steps: 2, warmup_steps: 1, processes: [1], precisions: [fp32], batching: [dynamic],
             gradient_checkpointing: false, prep_workers: []}}
 """
@@ -143,3 +147,13 @@ def test_the_cached_variant_trained_its_head_on_the_encoder_cache(models_run):
         if k.startswith("encoder."):
             assert torch.equal(v, reference[k]), k
     assert not torch.equal(exported["model"]["head.weight"], reference["head.weight"])
+
+
+def test_init_from_another_variant_trains_after_it_in_the_same_dag(models_run):
+    work = models_run["work"]
+    log = (work / "logs/train/whisper_ft.log").read_text()
+    assert "initialized from results/train/whisper_cached/model.pt" in log
+    assert "same vocabulary: output layer loaded" in log
+    parent = work / "results/train/whisper_cached/model.pt"
+    child = work / "results/train/whisper_ft/model.pt"
+    assert parent.stat().st_mtime < child.stat().st_mtime
