@@ -31,7 +31,7 @@ import soundfile as sf
 import yaml
 
 from asrflow.corpus.sentences import load_sentences
-from asrflow.corpus.synth import _draw, _family, _family_grid, synthesize
+from asrflow.corpus.synth import draw_voice_speakers, synthesize
 from asrflow.manifest import SPLITS, read_records
 from asrflow.text import normalize_text
 
@@ -44,10 +44,8 @@ def make_voice_corpus(out_dir: Path, voice: str, utterances: dict[str, int], spe
                       exclude: set[str], seed: int) -> Path:
     """Synthesize ``utterances[split]`` sentences per split in ``voice`` ("engine:voice"); returns the
     manifest (one JSON line per utterance: id, audio, text, split, speaker, dialect)."""
-    engine, name = voice.split(":", 1)
     rng = np.random.default_rng(seed)
-    family = _family(engine, name)
-    dealt = _draw(rng, _family_grid(family, held_out=True), speakers, voice)
+    dealt = draw_voice_speakers(rng, voice, speakers, held_out=True)
     pool = [s for s in load_sentences(3, 16) if s not in exclude]
     order = rng.permutation(len(pool))
     need = sum(utterances.values())

@@ -202,6 +202,14 @@ def _family(engine: str, voice: str) -> VoiceFamily:
     return table[voice]
 
 
+def draw_voice_speakers(rng: np.random.Generator, voice: str, counts: dict[str, int],
+                        held_out: bool = False) -> dict[str, list[Speaker]]:
+    """Distinct speakers of one flite or festival voice ("engine:voice"), dealt to splits as ``counts``
+    says; ``held_out`` marks them as a voice family heard only in test."""
+    engine, _, name = voice.partition(":")
+    return _draw(rng, _family_grid(_family(engine, name), held_out), counts, voice)
+
+
 def draw_speakers(cfg: dict[str, Any], rng: np.random.Generator) -> dict[str, list[Speaker]]:
     """Speakers per split; held-out voice families go to test only."""
     per_split: dict[str, list[Speaker]] = {s: [] for s in SPLITS}
@@ -214,10 +222,9 @@ def draw_speakers(cfg: dict[str, Any], rng: np.random.Generator) -> dict[str, li
         add(_draw(rng, _espeak_grid(accent), cfg["espeak_speakers"], f"espeak {accent}"))
     for engine, key in (("flite", "flite_speakers"), ("festival", "festival_speakers")):
         for voice in cfg[f"{engine}_voices"]:
-            add(_draw(rng, _family_grid(_family(engine, voice), False), cfg[key], f"{engine} {voice}"))
+            add(draw_voice_speakers(rng, f"{engine}:{voice}", cfg[key]))
     for name in cfg["held_out_voices"]:
-        engine, _, voice = name.partition(":")
-        add(_draw(rng, _family_grid(_family(engine, voice), True), {"test": cfg["held_out_speakers"]}, name))
+        add(draw_voice_speakers(rng, name, {"test": cfg["held_out_speakers"]}, held_out=True))
     return per_split
 
 
