@@ -71,9 +71,9 @@ class Utterance:
         )
 
 
-def iter_manifest(path: str | os.PathLike, resolve_audio: bool = True) -> Iterator[Utterance]:
-    """Yield utterances; raise ManifestError naming the file and line of the first bad one."""
-    base = Path(path).resolve().parent
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, "path:line: " for messages, record) of every non-empty line of a JSON Lines file;
+    ManifestError names the line of one that is not a JSON object."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -85,10 +85,17 @@ def iter_manifest(path: str | os.PathLike, resolve_audio: bool = True) -> Iterat
                 raise ManifestError(f"{where}not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
                 raise ManifestError(f"{where}expected a JSON object, got {type(record).__name__}")
-            utt = Utterance.from_dict(record, where)
-            if resolve_audio and not os.path.isabs(utt.audio):
-                utt.audio = str(base / utt.audio)
-            yield utt
+            yield lineno, where, record
+
+
+def iter_manifest(path: str | os.PathLike, resolve_audio: bool = True) -> Iterator[Utterance]:
+    """Yield utterances; raise ManifestError naming the file and line of the first bad one."""
+    base = Path(path).resolve().parent
+    for _, where, record in iter_json_lines(path):
+        utt = Utterance.from_dict(record, where)
+        if resolve_audio and not os.path.isabs(utt.audio):
+            utt.audio = str(base / utt.audio)
+        yield utt
 
 
 def read_manifest(path: str | os.PathLike, resolve_audio: bool = True) -> list[Utterance]:

@@ -13,7 +13,6 @@ user's manifest needs only ``id``, ``audio`` and ``text``.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import shlex
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from asrflow.audio import AudioError, audio_info
-from asrflow.manifest import SPLITS, ManifestError, Utterance, write_json
+from asrflow.manifest import SPLITS, ManifestError, Utterance, iter_json_lines, write_json
 from asrflow.text import is_clean, normalize_text
 
 UNKNOWN_DIALECT = "unknown"
@@ -493,28 +492,18 @@ _MEASURED = ("duration", "sample_rate")
 def _manifest_records(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     """(line number, record) of every non-empty line; ManifestError names the line of a broken one."""
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}: "
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(f"{where}not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise ManifestError(f"{where}expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in MANIFEST_REQUIRED if not isinstance(record.get(k), str) or not record[k].strip()]
-            if missing:
-                raise ManifestError(
-                    f"{where}missing or empty field(s) {', '.join(missing)}; every line needs "
-                    f"{', '.join(MANIFEST_REQUIRED)} (strings). duration and sample_rate are read from the audio, "
-                    f"speaker and dialect default to {UNKNOWN_SPEAKER!r}, split comes from corpus.split")
-            uid = record["id"]
-            if uid in seen:
-                raise ManifestError(f"{where}duplicate utterance id {uid!r} (first at line {seen[uid]})")
-            seen[uid] = lineno
-            yield lineno, record
+    for lineno, where, record in iter_json_lines(path):
+        missing = [k for k in MANIFEST_REQUIRED if not isinstance(record.get(k), str) or not record[k].strip()]
+        if missing:
+            raise ManifestError(
+                f"{where}missing or empty field(s) {', '.join(missing)}; every line needs "
+                f"{', '.join(MANIFEST_REQUIRED)} (strings). duration and sample_rate are read from the audio, "
+                f"speaker and dialect default to {UNKNOWN_SPEAKER!r}, split comes from corpus.split")
+        uid = record["id"]
+        if uid in seen:
+            raise ManifestError(f"{where}duplicate utterance id {uid!r} (first at line {seen[uid]})")
+        seen[uid] = lineno
+        yield lineno, record
 
 
 def import_manifest(path: str | os.PathLike, split: str | None = None) -> ImportResult:
