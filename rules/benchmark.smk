@@ -13,6 +13,9 @@ rule benchmark:
         corpus="results/corpus/manifest.jsonl",
         # a model that trains from a frozen-encoder cache is measured training from it
         encoder_caches=lambda wc: [p for m in benchmark_models() for p in encoder_cache_index(m["label"])],
+        # the phone lexicon, if the benchmarked recipe or a compared model has a phone CTC head
+        phones=lambda wc: sorted({p for v in [benchmark_variant()] + [m["label"] for m in benchmark_models()]
+                                  for p in phone_lexicon_input(v)}),
     output:
         json="results/benchmark/benchmark.json",
         md="results/benchmark/benchmark.md",
@@ -25,7 +28,7 @@ rule benchmark:
         settings=config.get("benchmark", {}),
         horovod_args=config["horovod"].get("extra_args", "--gloo"),
         # the recipe of the benchmarked variant (default: the first trained one); `model` overrides its model
-        train=lambda wc: variant_params(config.get("benchmark", {}).get("variant") or config["training"]["run_variants"][0]),
+        train=lambda wc: variant_params(benchmark_variant()),
         model=config.get("benchmark", {}).get("model") or {},
         models=lambda wc: benchmark_models(),
         seed=config["seed"],

@@ -101,6 +101,11 @@ def hosts_file_env():
     return f"ASRFLOW_HOSTS_FILE={shlex.quote(os.path.abspath(hosts_file))}" if hosts_file else ""
 
 
+def benchmark_variant():
+    """The variant whose recipe the benchmark measures: `benchmark.variant`, default the first trained one."""
+    return config.get("benchmark", {}).get("variant") or config["training"]["run_variants"][0]
+
+
 def benchmark_models():
     """(variant, recipe) of each model the per-model table compares: `benchmark.models`, default every trained
     variant. Only the recipes are read (a fresh model per row), so the rule needs no trained model."""
@@ -112,6 +117,11 @@ def benchmark_models():
 def encoder_cache_index(variant):
     """The frozen-encoder cache a variant with ``encoder_cache: true`` trains from (rule encoder_cache)."""
     return [f"results/train/{variant}/encoder_cache/index.json"] if variant_params(variant).get("encoder_cache") else []
+
+
+def phone_lexicon_input(variant):
+    """The phone lexicon (rule phone_lexicon) a variant with an auxiliary phone CTC head trains with."""
+    return ["results/prep/phones.json"] if variant_params(variant).get("model", {}).get("phone_ctc_layer") else []
 
 
 def init_from_input(variant):

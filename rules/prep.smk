@@ -146,3 +146,24 @@ rule data_report:
         "../envs/tracking.yaml"
     script:
         f"{SCRIPTS}/data_report.py"
+
+
+rule phone_lexicon:
+    """espeak-ng's phones of every training and dev word, for a variant with an auxiliary phone CTC
+    head (model.phone_ctc_layer; asrflow.phones). Test transcripts are never read."""
+    input:
+        manifest="results/prep/truncated.jsonl",
+    output:
+        phones="results/prep/phones.json",
+    log:
+        "logs/prep/phone_lexicon.log",
+    benchmark:
+        "benchmarks/prep/phone_lexicon.tsv"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../envs/tracking.yaml"
+    script:
+        f"{SCRIPTS}/phone_lexicon.py"

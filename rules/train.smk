@@ -58,6 +58,7 @@ rule train:
         noise="results/noise/manifest.jsonl",
         encoder_cache=lambda wc: encoder_cache_index(wc.variant),
         parent=lambda wc: init_from_input(wc.variant),
+        phones=lambda wc: phone_lexicon_input(wc.variant),
     output:
         model="results/train/{variant}/model.pt",
         summary="results/train/{variant}/train_summary.json",
@@ -80,6 +81,7 @@ rule train:
         out_dir=lambda wc: f"results/train/{wc.variant}",
         env_bin=SNAKEMAKE_ENV_BIN,
         encoder_cache=lambda wc: " ".join(f"--encoder-cache {os.path.dirname(p)}" for p in encoder_cache_index(wc.variant)),
+        phones=lambda wc: " ".join(f"--phones {p}" for p in phone_lexicon_input(wc.variant)),
     threads: lambda wc: variant_np(wc.variant)
     resources:
         mem_mb=6000,
@@ -101,5 +103,5 @@ rule train:
           --cmvn {input.cmvn} --noise {input.noise} --out-dir {params.out_dir} --experiment {params.experiment} \
           --tracking-uri={params.tracking} --log-dir logs/train/{wildcards.variant}.ranks --archive-stale-checkpoints \
           --params {params.out_dir}/params.json --run-config {params.out_dir}/run_config.json \
-          --frontend {params.out_dir}/frontend.json {params.encoder_cache} > {log} 2>&1
+          --frontend {params.out_dir}/frontend.json {params.encoder_cache} {params.phones} > {log} 2>&1
         """

@@ -11,7 +11,8 @@ p = smk.params
 with step_run(smk, "benchmark") as run:
     settings = BenchmarkSettings.from_config({"horovod_args": p.horovod_args, **p.settings}, seed=p.seed)
     inputs = Inputs(manifest=Path(smk.input.manifest), plan=Path(smk.input.plan), vocab=Path(smk.input.vocab),
-                    cmvn=Path(smk.input.cmvn), noise=Path(smk.input.noise), corpus=Path(smk.input.corpus))
+                    cmvn=Path(smk.input.cmvn), noise=Path(smk.input.noise), corpus=Path(smk.input.corpus),
+                    phones=Path(smk.input.phones[0]) if smk.input.phones else None)
     report = run_benchmark(inputs, settings, benchmark_train_params(p.train, p.model), ResampleSettings(**p.prep),
                            Path(smk.output.json), Path(smk.output.md), Path(smk.output.png),
                            Path(smk.log[0]).with_suffix(".workers"),

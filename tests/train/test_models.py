@@ -176,3 +176,27 @@ def test_intermediate_ctc_head_reads_its_layer_and_self_conditioning_feeds_it_ba
     assert cond.inter_head.weight.grad.abs().sum() > 0 and cond.head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="inter_ctc_layer"):
         build_model({**cfg, "inter_ctc_layer": 3}, VOCAB, N_MELS)
+
+
+def test_phone_ctc_head_reads_its_layer_and_changes_no_character_output():
+    cfg = {**TINY["conformer"], "num_layers": 3}
+    feats, lens = _feats([40, 33])
+    torch.manual_seed(0)
+    plain = build_model(cfg, VOCAB, N_MELS).eval()
+    torch.manual_seed(0)
+    phones = build_model({**cfg, "phone_ctc_layer": 1, "phone_vocab_size": 7}, VOCAB, N_MELS).eval()
+    phones.load_state_dict(plain.state_dict(), strict=False)  # the shared part
+    (a, la), (b, lb) = plain(feats, lens), phones(feats, lens)
+    assert torch.equal(a, b) and torch.equal(la, lb), "a phone head alone changes no character output"
+    lp = phones.phone_log_probs
+    assert lp.shape == (*a.shape[:2], 7)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(lp.shape[:2]), atol=1e-5)
+    assert plain.phone_log_probs is None
+    # with an intermediate character head on another layer, both are produced in one pass
+    both = build_model({**cfg, "phone_ctc_layer": 1, "phone_vocab_size": 7, "inter_ctc_layer": 2}, VOCAB, N_MELS)
+    both(feats, lens)
+    assert both.phone_log_probs.shape[-1] == 7 and both.intermediate_log_probs.shape[-1] == VOCAB
+    with pytest.raises(ValueError, match="phone_ctc_layer must be between"):
+        build_model({**cfg, "phone_ctc_layer": 3, "phone_vocab_size": 7}, VOCAB, N_MELS)
+    with pytest.raises(ValueError, match="needs phone_vocab_size"):
+        build_model({**cfg, "phone_ctc_layer": 1}, VOCAB, N_MELS)

@@ -556,3 +556,68 @@ def test_init_from_an_earlier_model_with_another_vocabulary_on_a_fresh_start_onl
     resume(ctx)
     assert ctx.init_report is None
     assert all(torch.equal(ctx.model.state_dict()[k], mine[k]) for k in mine), "a resume keeps its own weights"
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng makes the phone targets (make install)")
+def test_auxiliary_phone_ctc_trains_its_head_and_the_exported_model_transcribes(setup, tmp_path):
+    """A phone CTC head on layer 1: the batches carry espeak-ng phone targets, the phone loss falls with
+    training, and the exported model (phone head included) rebuilds and transcribes on its own."""
+    from asrflow.phones import PhoneLexicon
+    from asrflow.train.distributed import World
+    from asrflow.train.params import TrainParams
+    from asrflow.train.run import build_context, export_model, parse_args
+    from asrflow.train.trainer import TrainState, forward_batch, train_one_epoch
+    from asrflow.transcribe import load_model, transcribe
+
+    lexicon = PhoneLexicon.build(u.text for u in setup.utts if u.split in ("train", "dev"))
+    phones_path = tmp_path / "phones.json"
+    lexicon.save(phones_path)
+    overrides = {"model": {**F.TINY_MODEL, "phone_ctc_layer": 1},
+                 "loss": {"kind": "smoothed", "smoothing": 0.1, "phone_ctc_weight": 0.3},
+                 "noise": {"enabled": False}, "specaugment": {"enabled": False}}
+    params_path = setup.params_file("phones", **overrides)
+    argv = setup.args(params_path, tmp_path / "out")
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match="no --phones lexicon"):
+        build_context(parse_args(argv), TrainParams.from_config(json.loads(params_path.read_text())), World())
+    unpaired = setup.params_file("unpaired", **{**overrides, "loss": {"kind": "smoothed"}})
+    with pytest.raises(ValueError, match="go together"):
+        build_context(parse_args(setup.args(unpaired, tmp_path / "out") + ["--phones", str(phones_path)]),
+                      TrainParams.from_config(json.loads(unpaired.read_text())), World())
+    ctx = build_context(parse_args(argv + ["--phones", str(phones_path)]),
+                        TrainParams.from_config(json.loads(params_path.read_text())), World())
+    torch.set_num_threads(threads)
+    assert ctx.model.phone_head.out_features == len(lexicon)
+    train_ids = sorted(u.id for u in setup.utts if u.split == "train")[:4]
+    batch = ctx.loader.reader[train_ids]
+    for row, uid in enumerate(train_ids):
+        expected = lexicon.encode(ctx.index.text(uid))
+        assert batch.phone_targets[row, : batch.phone_target_lens[row]].tolist() == expected
+
+    loss_fn = ctx.eval_loss_fn
+
+    def phone_loss() -> float:
+        ctx.model.eval()
+        with torch.no_grad():
+            _, out_lens = forward_batch(ctx.model, batch, ctx.logmel, None, ctx.device, ctx.amp_dtype)
+            value = loss_fn(ctx.model.phone_log_probs, out_lens, batch.phone_targets, batch.phone_target_lens).loss
+        ctx.model.train()
+        return float(value)
+
+    before = phone_loss()
+    state = TrainState()
+    ctx.params.max_steps = 21
+    for epoch in range(3):
+        state.epoch, state.batch_in_epoch = epoch, 0
+        train_one_epoch(ctx, state)
+    after = phone_loss()
+    assert state.skipped_steps == 0
+    assert after < 0.8 * before, f"phone CTC loss {before:.3f} -> {after:.3f}: the phone head did not learn"
+    assert ctx.model.phone_head.weight.grad is not None
+    (tmp_path / "out").mkdir(exist_ok=True)
+    export_model(ctx, state, tmp_path / "out" / "model.pt")
+    exported = torch.load(tmp_path / "out" / "model.pt", weights_only=False)
+    assert exported["model_config"]["phone_vocab_size"] == len(lexicon)
+    model = load_model(tmp_path / "out" / "model.pt")
+    (hyp,) = transcribe(model, [setup.utts[0].audio])
+    assert isinstance(hyp, str) and set(hyp) <= set("ABCDE '")

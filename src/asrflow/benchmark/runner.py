@@ -135,6 +135,7 @@ class Inputs:
     cmvn: Path
     noise: Path | None = None
     corpus: Path | None = None   # corpus manifest, for the data-prep scaling
+    phones: Path | None = None   # phone lexicon (rule phone_lexicon), for a recipe with a phone CTC head
 
 
 @dataclass
@@ -265,6 +266,8 @@ def worker_command(run: WorkerRun, inputs: Inputs, params: Path, spec: Path, out
         cmd += ["--noise", str(inputs.noise)]
     if encoder_cache:
         cmd += ["--encoder-cache", str(encoder_cache)]
+    if inputs.phones is not None:
+        cmd += ["--phones", str(inputs.phones)]
     if run.processes > 1:
         cmd = [horovodrun(), "-np", str(run.processes), "-H", f"localhost:{run.processes}",
                *shlex.split(horovod_args), *cmd]

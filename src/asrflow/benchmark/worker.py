@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, type=Path, help="rank 0 writes the measurements here")
     ap.add_argument("--log-dir", type=Path, default=None)
     ap.add_argument("--encoder-cache", type=Path, default=None, help="the variant's frozen-encoder cache, if it trains from one")
+    ap.add_argument("--phones", type=Path, default=None, help="phone lexicon, for a recipe with a phone CTC head")
     args = ap.parse_args(argv)
     args.out_dir = args.out.parent  # build_context wants one; nothing is written there
     return args

@@ -46,6 +46,9 @@ class Batch:
     # encoder's cached outputs instead of audio: waves is then (B, 0) and wave_lens the measured durations
     encoded: torch.Tensor | None = None       # (B, T', d_model) float32
     encoded_lens: torch.Tensor | None = None  # (B,)
+    # the transcripts' espeak-ng phones (asrflow.phones), for a run with an auxiliary phone CTC head
+    phone_targets: torch.Tensor | None = None      # (B, P) int64, padded with 0
+    phone_target_lens: torch.Tensor | None = None  # (B,)
 
     @property
     def audio_seconds(self) -> float:
@@ -55,7 +58,8 @@ class Batch:
         """Called by the DataLoader's pinning thread on CUDA (``pin_memory=True``)."""
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(self.ids, pin(self.waves), pin(self.wave_lens), pin(self.targets), pin(self.target_lens),
-                     self.dialects, pin(self.encoded), pin(self.encoded_lens))
+                     self.dialects, pin(self.encoded), pin(self.encoded_lens), pin(self.phone_targets),
+                     pin(self.phone_target_lens))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +122,10 @@ class BatchReader(torch.utils.data.Dataset):
     Runs in the loader workers. Deterministic: the same request gives the same tensors in any process.
     """
 
-    def __init__(self, vocab: CharVocab, index: UtteranceIndex | None = None, encoded=None):
+    def __init__(self, vocab: CharVocab, index: UtteranceIndex | None = None, encoded=None, phones=None):
         self.vocab, self.index = vocab, index
         self.encoded = encoded  # an EncoderCache: read cached encoder outputs instead of audio
+        self.phones = phones    # an asrflow.phones.PhoneLexicon: also return phone targets
 
     def __getitem__(self, item: "BatchRequest | Sequence[str]") -> Batch:
         request = item if item and isinstance(item[0], tuple) else self.index.request(item)
@@ -137,15 +142,24 @@ class BatchReader(torch.utils.data.Dataset):
             padded = torch.zeros(len(waves), max(1, int(lens.max())))
             for row, w in enumerate(waves):
                 padded[row, : len(w)] = torch.from_numpy(w)
-        encoded = [self.vocab.encode(m.text) for m in metas]
-        tlens = torch.tensor([len(t) for t in encoded], dtype=torch.long)
-        targets = torch.zeros(len(ids), max(1, int(tlens.max())), dtype=torch.long)
-        for row, t in enumerate(encoded):
-            targets[row, : len(t)] = torch.tensor(t, dtype=torch.long)
-        return Batch(ids, padded, lens, targets, tlens, [m.dialect for m in metas], hidden, hidden_lens)
+        targets, tlens = pad_targets([self.vocab.encode(m.text) for m in metas])
+        phones = phone_lens = None
+        if self.phones is not None:
+            phones, phone_lens = pad_targets([self.phones.encode(m.text) for m in metas])
+        return Batch(ids, padded, lens, targets, tlens, [m.dialect for m in metas], hidden, hidden_lens,
+                     phones, phone_lens)
 
     def __len__(self) -> int:  # DataLoader asks; sampling is by request, never by position
         return len(self.index) if self.index is not None else 0
+
+
+def pad_targets(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ((B, S) int64 padded with 0, (B,) lengths)."""
+    lens = torch.tensor([len(t) for t in sequences], dtype=torch.long)
+    padded = torch.zeros(len(sequences), max(1, int(lens.max())), dtype=torch.long)
+    for row, t in enumerate(sequences):
+        padded[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return padded, lens
 
 
 class _EpochOrder(torch.utils.data.Sampler):
@@ -171,15 +185,15 @@ class BatchLoader:
     """
 
     def __init__(self, index: UtteranceIndex, vocab: CharVocab, workers: int = 1, prefetch_factor: int = 2,
-                 persistent_workers: bool = True, pin_memory: bool = False, encoded=None):
+                 persistent_workers: bool = True, pin_memory: bool = False, encoded=None, phones=None):
         self.index, self.workers = index, int(workers)
-        self.reader = BatchReader(vocab, index, encoded)  # for reads in this process (tests, probes)
+        self.reader = BatchReader(vocab, index, encoded, phones)  # for reads in this process (tests, probes)
         self.order = _EpochOrder(index)
         options = {}
         if self.workers > 0:
             options = {"prefetch_factor": int(prefetch_factor), "persistent_workers": bool(persistent_workers)}
         # batch_size=None: the sampler's items are already batches; the workers' reader has no index
-        self.loader = torch.utils.data.DataLoader(BatchReader(vocab, encoded=encoded), sampler=self.order, batch_size=None,
+        self.loader = torch.utils.data.DataLoader(BatchReader(vocab, encoded=encoded, phones=phones), sampler=self.order, batch_size=None,
                                                   num_workers=self.workers, pin_memory=pin_memory, **options)
         self.wait_seconds = 0.0
 

@@ -264,7 +264,8 @@ class AcousticModel(nn.Module):
     """
 
     def __init__(self, frontend: ConvSubsampling, encoder: nn.Module, vocab_size: int, dropout: float = 0.1,
-                 cmvn: GlobalCMVN | None = None, inter_ctc_layer: int = 0, self_condition: bool = False):
+                 cmvn: GlobalCMVN | None = None, inter_ctc_layer: int = 0, self_condition: bool = False,
+                 phone_ctc_layer: int = 0, phone_vocab_size: int = 0):
         super().__init__()
         self.cmvn = cmvn
         self.frontend = frontend
@@ -279,6 +280,11 @@ class AcousticModel(nn.Module):
         self.inter_head = nn.Linear(encoder.output_dim, vocab_size) if self.inter_ctc_layer else None
         self.condition = nn.Linear(vocab_size, encoder.output_dim) if self.inter_ctc_layer and self_condition else None
         self.intermediate_log_probs: torch.Tensor | None = None  # of the last forward pass, for the loss
+        # Auxiliary phone CTC (asrflow.phones): a head predicting espeak-ng phones on layer
+        # `phone_ctc_layer`, a target that follows the sound where characters follow spelling.
+        self.phone_ctc_layer = int(phone_ctc_layer)
+        self.phone_head = nn.Linear(encoder.output_dim, phone_vocab_size) if self.phone_ctc_layer else None
+        self.phone_log_probs: torch.Tensor | None = None
 
     @property
     def subsampling_factor(self) -> int:
@@ -293,8 +299,8 @@ class AcousticModel(nn.Module):
         if self.cmvn is not None and not normalized:
             feats = self.cmvn(feats, feat_lens)
         x, lens = self.frontend(feats, feat_lens)
-        self.intermediate_log_probs = None
-        if self.inter_head is None:
+        self.intermediate_log_probs = self.phone_log_probs = None
+        if self.inter_head is None and self.phone_head is None:
             x, lens = self.encoder(x, lens)
         else:
             x, lens = self.encoder(x, lens, after_layer=self._intermediate)
@@ -302,6 +308,8 @@ class AcousticModel(nn.Module):
         return logits.float().log_softmax(-1), lens
 
     def _intermediate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        if layer == self.phone_ctc_layer:
+            self.phone_log_probs = self.phone_head(h).float().log_softmax(-1)
         if layer != self.inter_ctc_layer:
             return h
         log_probs = self.inter_head(h).float().log_softmax(-1)
@@ -316,6 +324,7 @@ CONFORMER_DEFAULTS: dict[str, Any] = {
     "subsampling": 4, "subsampling_channels": 64, "use_group_norm": False, "convolution_first": False,
     "mask_conv_padding": True, "gradient_checkpointing": False,
     "inter_ctc_layer": 0, "self_condition": False,  # intermediate CTC head on this layer (0: off)
+    "phone_ctc_layer": 0, "phone_vocab_size": 0,    # auxiliary phone CTC head on this layer (0: off)
 }
 BILSTM_DEFAULTS: dict[str, Any] = {
     "d_model": 192, "hidden_size": 192, "num_layers": 3, "dropout": 0.1,
@@ -375,8 +384,15 @@ def build_model(cfg: dict[str, Any], vocab_size: int, n_mels: int, cmvn: GlobalC
     inter = int(c.get("inter_ctc_layer", 0))
     if inter and not 0 < inter < c["num_layers"]:
         raise ValueError(f"inter_ctc_layer must be between 1 and num_layers - 1 = {c['num_layers'] - 1}, got {inter}")
+    phone_layer, phone_vocab = int(c.get("phone_ctc_layer", 0)), int(c.get("phone_vocab_size", 0))
+    if phone_layer and not 0 < phone_layer < c["num_layers"]:
+        raise ValueError(f"phone_ctc_layer must be between 1 and num_layers - 1 = {c['num_layers'] - 1}, "
+                         f"got {phone_layer}")
+    if phone_layer and phone_vocab < 2:
+        raise ValueError("phone_ctc_layer needs phone_vocab_size (the trainer sets it from the phone lexicon)")
     return AcousticModel(frontend, encoder, vocab_size, dropout=c["dropout"], cmvn=cmvn, inter_ctc_layer=inter,
-                         self_condition=bool(c.get("self_condition", False)))
+                         self_condition=bool(c.get("self_condition", False)), phone_ctc_layer=phone_layer,
+                         phone_vocab_size=phone_vocab)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "loudness target and ceiling); exported with the model so inference applies the same")
     ap.add_argument("--encoder-cache", type=Path, default=None,
                     help="folder of cached frozen-encoder outputs (rule encoder_cache), for encoder_cache: true")
+    ap.add_argument("--phones", type=Path, default=None,
+                    help="phone lexicon (rule phone_lexicon, asrflow.phones) for a model with phone_ctc_layer")
     ap.add_argument("--archive-stale-checkpoints", action="store_true",
                     help="move checkpoints of another configuration aside and start fresh (the workflow's "
                          "rerun after a recipe change) instead of refusing them")
@@ -81,11 +83,13 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     plan = BucketPlan.from_dict(json.loads(plan_text))
     index, dev_ids = load_index(args.manifest, args.plan, params, plan)
     cmvn = GlobalCMVN.load(args.cmvn)
+    phones = open_phone_lexicon(args, params)
     torch.manual_seed(params.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
     model = build_model(params.model, len(vocab), params.n_mels, cmvn=cmvn).to(device)
     loader = BatchLoader(index, vocab, workers=params.loader_workers,
                          prefetch_factor=params.prefetch_factor, persistent_workers=params.persistent_workers,
-                         pin_memory=device.type == "cuda", encoded=open_encoder_cache(args, params, model, index))
+                         pin_memory=device.type == "cuda", encoded=open_encoder_cache(args, params, model, index),
+                         phones=phones)
     if params.sync_batchnorm:
         model = world.sync_batchnorm(model)
     amp_dtype, use_scaler = resolve_precision(params.precision, device)
@@ -143,6 +147,31 @@ def load_index(manifest: Path, plan_path: Path, params: TrainParams,
         raise ValueError(f"{plan_path}: {len(missing)} planned utterance(s) not in {manifest}, "
                          f"e.g. {sorted(missing)[:3]}: rebuild the plan (rule bucketing)")
     return index, dev_ids
+
+
+def open_phone_lexicon(args: argparse.Namespace, params: TrainParams):
+    """The phone lexicon of a run whose model has an auxiliary phone CTC head, else None. Sets the
+    model config's ``phone_vocab_size`` from it, so the exported model rebuilds with the same head."""
+    from asrflow.train.trainer import auxiliary_ctc_weights
+
+    _, phone_weight = auxiliary_ctc_weights(params.loss)
+    layer = int(params.model.get("phone_ctc_layer", 0) or 0)
+    if bool(layer) != (phone_weight > 0):
+        raise ValueError(f"model.phone_ctc_layer ({layer}) and loss.phone_ctc_weight ({phone_weight}) go together: "
+                         f"set both, or neither")
+    if not layer:
+        return None
+    path = getattr(args, "phones", None)
+    if path is None:
+        raise ValueError("model.phone_ctc_layer is set, but no --phones lexicon was given (the workflow's rule "
+                         "phone_lexicon writes results/prep/phones.json)")
+    from asrflow.phones import PhoneLexicon
+
+    lexicon = PhoneLexicon.load(path)
+    params.model = {**params.model, "phone_vocab_size": len(lexicon)}
+    log.info("auxiliary phone CTC on layer %d, weight %.2f: %d phones, %d words (%s)", layer, phone_weight,
+             len(lexicon) - 1, len(lexicon.words), path)
+    return lexicon
 
 
 def open_encoder_cache(args: argparse.Namespace, params: TrainParams, model: torch.nn.Module, index: UtteranceIndex):

@@ -134,18 +134,39 @@ def forward_batch(model, batch: Batch, logmel, aug, device, amp_dtype):
         return model(feats, feat_lens, normalized=True)
 
 
-def compute_loss(model, loss_fn, batch: Batch, logmel, aug, device, amp_dtype, weights, inter_ctc_weight: float = 0.0):
-    """The training loss of one batch; with an intermediate CTC head (``model.inter_ctc_layer``),
-    (1 - w)·loss(final) + w·loss(intermediate), as Lee & Watanabe (2021) train it."""
+def compute_loss(model, loss_fn, batch: Batch, logmel, aug, device, amp_dtype, weights, inter_ctc_weight: float = 0.0,
+                 phone_ctc_weight: float = 0.0):
+    """The training loss of one batch. Auxiliary CTC heads share the weight with the final one:
+    (1 - wi - wp)·loss(final) + wi·loss(intermediate) + wp·loss(phones), with an intermediate CTC head
+    (``model.inter_ctc_layer``, Lee & Watanabe 2021) and a phone CTC head (``model.phone_ctc_layer``,
+    on the batch's espeak-ng phone targets, :mod:`asrflow.phones`)."""
     log_probs, out_lens = forward_batch(model, batch, logmel, aug, device, amp_dtype)
     w = torch.tensor([weights[d] for d in batch.dialects], device=device) if weights else None
     targets, target_lens = batch.targets.to(device), batch.target_lens.to(device)
     out = loss_fn(log_probs.float(), out_lens, targets, target_lens, w)
+    total, final_weight = 0.0, 1.0
     inter = getattr(model, "intermediate_log_probs", None)
     if inter is not None and inter_ctc_weight > 0:
-        aux = loss_fn(inter, out_lens, targets, target_lens, w)
-        out.loss = (1 - inter_ctc_weight) * out.loss + inter_ctc_weight * aux.loss
+        total = total + inter_ctc_weight * loss_fn(inter, out_lens, targets, target_lens, w).loss
+        final_weight -= inter_ctc_weight
+    phones = getattr(model, "phone_log_probs", None)
+    if phones is not None and phone_ctc_weight > 0:
+        if batch.phone_targets is None:
+            raise ValueError("the model has a phone CTC head but the batch has no phone targets (--phones)")
+        total = total + phone_ctc_weight * loss_fn(phones, out_lens, batch.phone_targets.to(device),
+                                                   batch.phone_target_lens.to(device), w).loss
+        final_weight -= phone_ctc_weight
+    out.loss = final_weight * out.loss + total
     return out
+
+
+def auxiliary_ctc_weights(loss_cfg: dict) -> tuple[float, float]:
+    """(intermediate, phone) CTC weights of the loss config; together they must leave the final head a
+    positive weight."""
+    inter, phone = float(loss_cfg.get("inter_ctc_weight", 0.0)), float(loss_cfg.get("phone_ctc_weight", 0.0))
+    if inter < 0 or phone < 0 or inter + phone >= 1:
+        raise ValueError(f"loss.inter_ctc_weight ({inter}) + loss.phone_ctc_weight ({phone}) must be in [0, 1)")
+    return inter, phone
 
 
 def agree_on_step(value: torch.Tensor, world: World, stop_vote: bool = False) -> tuple[bool, bool]:
@@ -188,7 +209,7 @@ def training_step(ctx: "Context", batch: Batch, step: int = 0, stop_vote: bool =
     bns = ctx.batchnorms
     bn_saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
     out = compute_loss(ctx.model, ctx.loss_fn, batch, ctx.logmel, augmenters_at(ctx, step), ctx.device, ctx.amp_dtype,
-                       ctx.class_weights, float(ctx.params.loss.get("inter_ctc_weight", 0.0)))
+                       ctx.class_weights, *auxiliary_ctc_weights(ctx.params.loss))
     opt.zero_grad()
     stepped, grad_norm = False, torch.tensor(float("nan"))
     finite, stop = agree_on_step(out.loss.detach(), world, stop_vote)
