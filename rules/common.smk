@@ -13,7 +13,7 @@ SNAKEMAKE_ENV_BIN = shlex.quote(os.path.dirname(sys.executable))
 
 # Seconds-long steps (and the downloads, which need the login node's internet) run where Snakemake runs,
 # not as cluster jobs.
-localrules: synthesize_noise_mirror, fetch_demand, merge_resampled, vocab, data_report, noise_manifest
+localrules: synthesize_noise_mirror, fetch_demand, merge_resampled, vocab, phone_lexicon, data_report, noise_manifest
 
 
 def data_prep_outputs():
