@@ -59,6 +59,7 @@ rule data_path_benchmark:
         vocab="results/prep/vocab.json",
         cmvn="results/prep/cmvn.json",
         noise="results/noise/manifest.jsonl",
+        phones=lambda wc: phone_lexicon_input(config["training"]["run_variants"][0]),
     output:
         json="results/benchmark/data_path.json",
         md=report("results/benchmark/data_path.md", category="Benchmark", labels={"table": "data path"}),

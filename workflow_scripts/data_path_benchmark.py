@@ -18,6 +18,8 @@ argv = ["--manifest", smk.input.manifest, "--plan", smk.input.plan, "--vocab", s
         "--md", smk.output.md, "--steps", str(s.get("steps", 40)), "--scale", str(s.get("scale", 10)),
         "--ranks", str(s.get("ranks", 2)),
         "--startup-utterances", str(s.get("startup_utterances", data_path.LIBRISPEECH_UTTERANCES))]
+if smk.input.phones:
+    argv += ["--phones", smk.input.phones[0]]
 if s.get("lhotse_large"):
     argv.append("--lhotse-large")
 with open(smk.log[0], "a") as log_file:

@@ -292,7 +292,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     def train_args(manifest: Path, plan_path: Path) -> list[str]:
         return ["--manifest", str(manifest), "--plan", str(plan_path), "--vocab", str(args.vocab), "--cmvn",
-                str(args.cmvn), "--noise", str(args.noise), "--params", str(params_path), "--out-dir", str(work / "out")]
+                str(args.cmvn), "--noise", str(args.noise), "--params", str(params_path), "--out-dir", str(work / "out"),
+                *(["--phones", str(args.phones)] if args.phones else [])]
 
     report: dict[str, Any] = {"steps": args.steps}
     memory = {}
@@ -370,6 +371,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("manifest", "plan", "vocab", "cmvn", "noise", "params"):
         ap.add_argument(f"--{name}", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--phones", type=Path, default=None, help="phone lexicon, for a recipe with a phone CTC head")
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: next to --out)")
     ap.add_argument("--steps", type=int, default=40)
