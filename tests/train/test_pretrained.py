@@ -540,6 +540,32 @@ def test_init_from_asrflow_with_a_different_vocabulary(tmp_path, caplog):
         init_from_asrflow(child, tmp_path / "missing.pt", new_vocab)
 
 
+def test_init_from_never_carries_a_phone_ctc_head_over(tmp_path):
+    """A phone CTC head (asrflow.phones) is a training aid on the parent's own phone inventory: a child
+    without one starts from a parent with one, and a child's own phone head starts fresh."""
+    vocab = CharVocab(["<blank>", *"abc"])
+    cfg = {"name": "conformer", "d_model": 16, "num_heads": 2, "ffn_dim": 16, "num_layers": 2, "kernel_size": 3,
+           "subsampling_channels": 4, "dropout": 0.0}
+    torch.manual_seed(1)
+    parent = build_model({**cfg, "phone_ctc_layer": 1, "phone_vocab_size": 9}, len(vocab), 20)
+    torch.save({"model": parent.state_dict(), "model_config": {"name": "conformer"}, "n_mels": 20,
+                "vocab": vocab.to_dict(), "sample_rate": 16000}, tmp_path / "model.pt")
+    torch.manual_seed(2)
+    child = build_model(cfg, len(vocab), 20)
+    report = init_from_asrflow(child, tmp_path / "model.pt", vocab)
+    assert report.head_loaded and {"phone_head.weight", "phone_head.bias"} <= set(report.skipped)
+    assert torch.equal(child.head.weight, parent.head.weight)
+    torch.manual_seed(3)
+    with_phones = build_model({**cfg, "phone_ctc_layer": 1, "phone_vocab_size": 9}, len(vocab), 20)
+    fresh = with_phones.phone_head.weight.detach().clone()
+    init_from_asrflow(with_phones, tmp_path / "model.pt", vocab)
+    assert torch.equal(with_phones.phone_head.weight, fresh)
+    parent_state = parent.state_dict()
+    for k, v in with_phones.state_dict().items():
+        if not k.startswith("phone_head."):
+            assert torch.equal(v, parent_state[k]), k
+
+
 def test_init_from_onto_a_pretrained_whisper_model(ct2_whisper, tmp_path):
     vocab = CharVocab(["<blank>", *"abcd"])
     parent = build_model({"name": "whisper_encoder", "checkpoint": str(ct2_whisper)}, len(vocab), 80)

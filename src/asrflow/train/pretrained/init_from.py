@@ -3,7 +3,8 @@
 ``init_from_asrflow(model, path, vocab) -> InitReport`` copies every tensor of the parent's state dict
 into ``model`` except the output layer (``head.*``), which is copied only when the parent's vocabulary
 is the same as ``vocab`` (same symbols in the same order, same BPE model); otherwise the freshly
-initialised output layer stays, and the log says so. The parent's CMVN statistics (``cmvn.*``) replace
+initialised output layer stays, and the log says so. An auxiliary phone CTC head (``phone_head.*``) is
+never copied: the child's starts fresh, and a parent's is left out. The parent's CMVN statistics (``cmvn.*``) replace
 the new run's with ``load_cmvn=True`` (the default: the encoder was trained on features normalized by
 them). Any other tensor that the model lacks or has in another shape is an error naming the path: the
 parent must have the same architecture.
@@ -26,6 +27,9 @@ from asrflow.train.pretrained.checkpoints import CheckpointError, require_path
 log = logging.getLogger(__name__)
 
 HEAD_PREFIXES = ("head.", "inter_head.", "condition.")  # the layers whose shape follows the vocabulary
+# a training-only head on another unit inventory (asrflow.phones): never carried over, since the
+# parent's phone inventory is not this run's; the child's own starts fresh
+FRESH_PREFIXES = ("phone_head.",)
 
 
 @dataclass
@@ -90,7 +94,7 @@ def init_from_asrflow(model: nn.Module, path: str | Path, vocab: Any, load_cmvn:
     skipped: list[str] = []
     problems: list[str] = []
     for k, v in parent_state.items():
-        if k.startswith(HEAD_PREFIXES) and not load_head:
+        if k.startswith(FRESH_PREFIXES) or (k.startswith(HEAD_PREFIXES) and not load_head):
             skipped.append(k)
             continue
         if k.startswith("cmvn."):
@@ -105,7 +109,7 @@ def init_from_asrflow(model: nn.Module, path: str | Path, vocab: Any, load_cmvn:
             problems.append(f"{k}: {tuple(v.shape)} in the parent, {tuple(own[k].shape)} in the new model")
         else:
             to_load[k] = v
-    missing = sorted(k for k in own if k not in parent_state and not k.startswith(HEAD_PREFIXES + ("cmvn.",)))
+    missing = sorted(k for k in own if k not in parent_state and not k.startswith(HEAD_PREFIXES + FRESH_PREFIXES + ("cmvn.",)))
     problems += [f"{k} (missing in the parent)" for k in missing]
     if problems:
         raise CheckpointError(f"{p}: its architecture ({ckpt['model_config']}) does not match the new model's: "
