@@ -2,13 +2,17 @@
 VENV ?= .venv
 CORES ?= 2
 
-.PHONY: run test install lint image
+.PHONY: run transfer test install lint image
 
 install:
 	bash scripts/install.sh
 
 run: install
 	$(VENV)/bin/snakemake --cores $(CORES) --profile profiles/local
+
+# The Whisper tiny.en transfer recipe next to the default (config/transfer.yaml; ~45 min on 2 CPU cores)
+transfer: install
+	$(VENV)/bin/snakemake --cores $(CORES) --profile profiles/local --configfile config/transfer.yaml
 
 test: install
 	bash scripts/run_tests.sh

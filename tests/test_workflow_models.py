@@ -19,7 +19,7 @@ from .test_workflow import snakemake
 pytestmark = pytest.mark.slow
 
 MODEL_OF_VARIANT = {"full": "conformer", "whisper": "whisper_encoder", "w2v": "wav2vec2",
-                    "whisper_cached": "whisper_encoder", "whisper_ft": "whisper_encoder", "phones": "conformer"}
+                    "whisper_cached": "whisper_encoder", "whisper_ft": "whisper_encoder"}
 
 
 def override_yaml(whisper: Path, w2v: Path) -> str:
@@ -29,7 +29,7 @@ def override_yaml(whisper: Path, w2v: Path) -> str:
     return f"""
 experiment: asrflow-small-models
 training:
-  run_variants: [full, whisper, w2v, whisper_cached, whisper_ft, phones]
+  run_variants: [full, whisper, w2v, whisper_cached, whisper_ft]
   variants:
     whisper:
       model: {{name: whisper_encoder, checkpoint: "{whisper}", freeze: all, unfreeze_after_steps: 4,
@@ -48,10 +48,6 @@ training:
       model: {{name: whisper_encoder, checkpoint: "{whisper}", freeze: none, head_lstm_layers: 0}}
       init_from: results/train/whisper_cached/model.pt
       max_steps: 4
-    phones:           # the conformer with an auxiliary phone CTC head (rule phone_lexicon)
-      model: {{phone_ctc_layer: 1}}
-      loss: {{phone_ctc_weight: 0.2}}
-      max_steps: 8
 benchmark: {{steps: 2, warmup_steps: 1, processes: [1], precisions: [fp32], batching: [dynamic],
             gradient_checkpointing: false, prep_workers: []}}
 """
@@ -85,7 +81,7 @@ def test_each_variant_trained_its_model(models_run, variant):
     assert summary["global_step"] > 0 and summary["world_size"] == 2
     if variant != "full":
         assert summary["global_step"] <= 8  # max_steps
-    if variant == "phones":
+    if variant == "full":  # the default recipe's phone CTC head (rule phone_lexicon), exported with the model
         assert exported["model_config"]["phone_ctc_layer"] == 1
         assert exported["model"]["phone_head.weight"].shape[0] == exported["model_config"]["phone_vocab_size"]
 
@@ -166,9 +162,10 @@ def test_init_from_another_variant_trains_after_it_in_the_same_dag(models_run):
     assert parent.stat().st_mtime < child.stat().st_mtime
 
 
-def test_the_phone_variant_trained_on_the_lexicon_of_train_and_dev_words_only(models_run):
+def test_the_default_recipe_trained_its_phone_head_on_the_lexicon_of_train_and_dev_words_only(models_run):
     """The rule phone_lexicon phonemized the training and dev words with espeak-ng; no test transcript
-    was read, and the training log names the lexicon it used."""
+    was read, and the training log names the lexicon it used. The pretrained variants inherit the base
+    recipe's phone loss weight, which does nothing for a model without a phone head, and say so."""
     from asrflow.phones import PhoneLexicon
 
     work = models_run["work"]
@@ -177,4 +174,5 @@ def test_the_phone_variant_trained_on_the_lexicon_of_train_and_dev_words_only(mo
     seen = {w for u in utts if u.split in ("train", "dev") for w in u.text.split()}
     assert set(lexicon.words) == seen
     assert 20 <= len(lexicon) - 1 <= 80, lexicon.symbols  # an English phone inventory
-    assert "auxiliary phone CTC on layer 1" in (work / "logs/train/phones.log").read_text()
+    assert "auxiliary phone CTC on layer 1" in (work / "logs/train/full.log").read_text()
+    assert "phone_ctc_weight 0.20 has no effect" in (work / "logs/train/whisper.log").read_text()

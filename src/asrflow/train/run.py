@@ -156,10 +156,12 @@ def open_phone_lexicon(args: argparse.Namespace, params: TrainParams):
 
     _, phone_weight = auxiliary_ctc_weights(params.loss)
     layer = int(params.model.get("phone_ctc_layer", 0) or 0)
-    if bool(layer) != (phone_weight > 0):
-        raise ValueError(f"model.phone_ctc_layer ({layer}) and loss.phone_ctc_weight ({phone_weight}) go together: "
-                         f"set both, or neither")
+    if layer and phone_weight <= 0:
+        raise ValueError(f"model.phone_ctc_layer is {layer} but loss.phone_ctc_weight is 0: the phone head would "
+                         f"never be trained; set the weight (e.g. 0.2) or remove the layer")
     if not layer:
+        if phone_weight > 0:  # e.g. a pretrained-encoder variant inheriting the base recipe's loss
+            log.info("loss.phone_ctc_weight %.2f has no effect: this model has no phone CTC head", phone_weight)
         return None
     path = getattr(args, "phones", None)
     if path is None:
