@@ -107,7 +107,7 @@ def test_every_step_is_in_one_mlflow_experiment(tracked_run):
     runs = client.search_runs([exp.experiment_id], "tags.`asrflow.invocation` = 'test-invocation'", max_results=500)
     steps = {r.data.tags["asrflow.step"] for r in runs}
     assert {"make_embedded_corpus", "synthesize_noise", "fetch_demand", "resample", "merge_resampled", "truncate",
-            "vocab", "bucketing", "noise_manifest", "data_report", "cmvn", "train"} <= steps
+            "vocab", "phone_lexicon", "bucketing", "noise_manifest", "data_report", "cmvn", "train"} <= steps
     assert all(r.info.status == "FINISHED" for r in runs)
     by_step = {r.data.tags["asrflow.step"]: r for r in runs}
     trunc = by_step["truncate"]

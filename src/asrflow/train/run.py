@@ -264,7 +264,8 @@ def tracked_run(args: argparse.Namespace, ctx: Context, extra_tags: dict[str, st
 def log_inputs(tracker, args: argparse.Namespace) -> None:
     """What the model was trained from, as MLflow datasets with digests: its lineage, readable from MLflow."""
     tracker.dataset(args.manifest, "train_manifest", "training")
-    for name, path in (("bucket_plan", args.plan), ("vocab", args.vocab), ("cmvn", args.cmvn), ("noise", args.noise)):
+    for name, path in (("bucket_plan", args.plan), ("vocab", args.vocab), ("cmvn", args.cmvn), ("noise", args.noise),
+                       ("phone_lexicon", getattr(args, "phones", None))):
         if path is not None:
             tracker.file_input(path, name, "training")
 
