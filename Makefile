@@ -10,7 +10,7 @@ install:
 run: install
 	$(VENV)/bin/snakemake --cores $(CORES) --profile profiles/local
 
-# The Whisper tiny.en transfer recipe next to the default (config/transfer.yaml; ~45 min on 2 CPU cores)
+# The Whisper tiny.en transfer recipe next to the default (config/transfer.yaml; ~33 min more on 2 CPU cores)
 transfer: install
 	$(VENV)/bin/snakemake --cores $(CORES) --profile profiles/local --configfile config/transfer.yaml
 
