@@ -32,7 +32,10 @@ def test_the_lexicon_encodes_transcripts_as_concatenated_word_phones_and_round_t
     path = tmp_path / "phones.json"
     lexicon.save(path)
     again = PhoneLexicon.load(path)
-    assert again.symbols == lexicon.symbols and again.words == lexicon.words
+    assert again.symbols == lexicon.symbols and again.words == lexicon.words and again.voice == "en-us"
+    british = PhoneLexicon.build(["HELLO"], voice="en-gb")
+    british.save(path)
+    assert PhoneLexicon.load(path).voice == "en-gb", "the lexicon records the voice that made it"
     with pytest.raises(PhoneLexiconError, match="'GOODBYE' is not in the phone lexicon"):
         lexicon.encode("HELLO GOODBYE")
 

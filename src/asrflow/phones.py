@@ -68,10 +68,11 @@ def strip_prosody(token: str) -> str:
 class PhoneLexicon:
     """Word -> phone ids, with the blank at index 0. ``encode(text)`` concatenates its words' phones."""
 
-    def __init__(self, symbols: list[str], words: dict[str, list[str]]):
+    def __init__(self, symbols: list[str], words: dict[str, list[str]], voice: str = ESPEAK_VOICE):
         if not symbols or symbols[0] != BLANK:
             raise PhoneLexiconError("the phone inventory must start with the blank symbol")
         self.symbols = list(symbols)
+        self.voice = voice  # the espeak-ng voice that phonemized the words
         self.index = {s: i for i, s in enumerate(self.symbols)}
         self.words = {w: [self.index[p] for p in phones] for w, phones in words.items()}
 
@@ -82,7 +83,7 @@ class PhoneLexicon:
     def build(cls, texts: Iterable[str], voice: str = ESPEAK_VOICE) -> "PhoneLexicon":
         words = phonemize_words((w for t in texts for w in t.split()), voice)
         inventory = sorted({p for phones in words.values() for p in phones})
-        return cls([BLANK] + inventory, words)
+        return cls([BLANK] + inventory, words, voice)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -95,7 +96,7 @@ class PhoneLexicon:
         return ids
 
     def to_dict(self) -> dict:
-        return {"symbols": self.symbols, "voice": ESPEAK_VOICE,
+        return {"symbols": self.symbols, "voice": self.voice,
                 "words": {w: [self.symbols[i] for i in ids] for w, ids in sorted(self.words.items())}}
 
     def save(self, path: Path) -> None:
@@ -104,4 +105,4 @@ class PhoneLexicon:
     @classmethod
     def load(cls, path: Path) -> "PhoneLexicon":
         data = json.loads(Path(path).read_text())
-        return cls(data["symbols"], data["words"])
+        return cls(data["symbols"], data["words"], data.get("voice", ESPEAK_VOICE))
