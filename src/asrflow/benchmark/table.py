@@ -132,9 +132,16 @@ def prep_table(prep: Mapping[str, Any]) -> str:
 
 
 def model_summary(model: Mapping[str, Any]) -> str:
-    dims = ", ".join(f"{k} {model[k]}" for k in ("d_model", "num_layers", "hidden_size", "subsampling_channels")
-                     if k in model)
-    return f"{model.get('name', '?')} ({dims}; {model['parameters']:,} parameters)"
+    """"conformer (d_model 144, num_layers 4; 2,012,345 parameters)"; a pretrained model names its checkpoint
+    and freeze instead of dimensions it reads from there, and says how many parameters train at step 0."""
+    parts = [f"{k} {model[k]}" for k in ("d_model", "num_layers", "hidden_size", "subsampling_channels")
+             if model.get(k) is not None]
+    parts += [f"{k} {model[k]}" for k in ("checkpoint", "freeze") if model.get(k) not in (None, "none")]
+    count = f"{model['parameters']:,} parameters"
+    trainable = model.get("trainable_parameters")
+    if trainable is not None and trainable != model["parameters"]:
+        count += f", {trainable:,} trainable at step 0"
+    return f"{model.get('name', '?')} ({', '.join(parts)}; {count})"
 
 
 def backend_summary(report: Mapping[str, Any]) -> str:
