@@ -3,7 +3,9 @@
 (torch.equal), the dev history of train_summary.json, and results/eval/<variant>/metrics.json's
 headline figures. Exit 0 when all are identical.
 
-    .venv/bin/python scripts/compare_runs.py RESULTS_A RESULTS_B [--variant full]
+    .venv/bin/python scripts/compare_runs.py RESULTS_A RESULTS_B [--variant NAME]
+
+The variant defaults to the default run's (the first of config/config.yaml's training.run_variants).
 """
 import argparse
 import json
@@ -11,14 +13,23 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
+
+
+def default_variant() -> str:
+    """The variant `make run` trains: the first of the default config's run_variants."""
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())["training"]["run_variants"][0]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", type=Path, help="a results/ folder")
     ap.add_argument("b", type=Path, help="another results/ folder")
-    ap.add_argument("--variant", default="full")
+    ap.add_argument("--variant", default=None, help="default: the default run's variant (%(prog)s reads config/config.yaml)")
     args = ap.parse_args()
+    args.variant = args.variant or default_variant()
     models = [torch.load(r / "train" / args.variant / "model.pt", map_location="cpu", weights_only=False)["model"]
               for r in (args.a, args.b)]
     differing = sorted(k for k in models[0].keys() | models[1].keys()
