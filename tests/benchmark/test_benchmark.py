@@ -380,6 +380,31 @@ def test_the_benchmarked_variants_model_row_reuses_its_measurement():
     assert [(c["label"], c["batching"]) for c in run.cases] == [("fp32", "random_budget")]  # its own batching
 
 
+def test_a_recipe_that_unfreezes_later_is_also_measured_unfrozen(tmp_path):
+    """The benchmark starts at step 0, where whisper_tiny's encoder is still frozen: its steps after
+    unfreeze_after_steps get a row of their own, the same recipe with nothing frozen."""
+    s = BenchmarkSettings.from_config({"precisions": ["fp32"]})
+    reference = {"model": {"name": "conformer", "d_model": 32}, "lr": 1e-3}
+    staged = {"model": {"name": "whisper_encoder", "freeze": "all", "unfreeze_after_steps": 100}, "lr": 1e-3}
+    always_frozen = {"model": {"name": "whisper_encoder", "freeze": "all"}, "lr": 1e-3}
+    planned = plan_model_runs([ModelUnderTest("full", reference), ModelUnderTest("staged", staged),
+                               ModelUnderTest("head", always_frozen)], s, reference, torch.device("cpu"))
+    assert [m.label for m, _ in planned] == ["full", "staged", "staged-unfrozen", "head"]
+    unfrozen, run = planned[2]
+    assert unfrozen.params["model"] == {"name": "whisper_encoder", "freeze": "none", "unfreeze_after_steps": 0}
+    assert unfrozen.params["lr"] == 1e-3 and run.name == "model-staged-unfrozen" and run.processes == 1
+    assert staged["model"]["freeze"] == "all"  # the recipe itself is left as it is
+
+    rows = [model_row(m, entry(raw_record([0.4] * 4, [8] * 4, parameters=p, total_parameters=8000)), reused=False)
+            for (m, _), p in zip(planned[1:3], (300, 8000))]
+    report = synthetic_report(tmp_path)
+    report["models"] = rows
+    section = table.render_markdown(report).split("## Throughput per model")[1].split("##")[0]
+    assert "| staged-unfrozen | whisper_encoder | 8,000 | 8,000 |" in section
+    assert "`-unfrozen` row is the same recipe with nothing frozen" in section
+    assert mlflow_metrics(report)["models.staged-unfrozen.median_step_s"] == pytest.approx(0.4)
+
+
 def test_reference_table_prints_gpu_utilization_when_sampled():
     rows = [{"precision": "fp32", "processes": 1, "utt_per_s": 128.0, "gpu": {"util_mean": 65.0}},
             {"precision": "fp16", "processes": 4, "utt_per_s": 417.0, "gpu": {"util_mean": 92.0}}]

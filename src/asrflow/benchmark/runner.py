@@ -184,13 +184,28 @@ def same_recipe(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
+def with_unfrozen_phases(models: list[ModelUnderTest]) -> list[ModelUnderTest]:
+    """Each model, followed, for a recipe that unfreezes its pretrained encoder after N steps, by the same
+    recipe with nothing frozen (label ``V-unfrozen``). The benchmark measures from step 0, where such a
+    recipe is still frozen and 2-3x faster than in the steps after N, which are most of its training."""
+    out = []
+    for m in models:
+        out.append(m)
+        model = dict(m.params.get("model", {}))
+        if model.get("freeze", "none") not in ("none", None) and int(model.get("unfreeze_after_steps") or 0) > 0:
+            unfrozen = {**dict(m.params), "model": {**model, "freeze": "none", "unfreeze_after_steps": 0}}
+            out.append(ModelUnderTest(m.label + table.UNFROZEN_SUFFIX, unfrozen))
+    return out
+
+
 def plan_model_runs(models: list[ModelUnderTest], settings: BenchmarkSettings, reference_params: Mapping[str, Any],
                     device=None) -> list[tuple[ModelUnderTest, WorkerRun | None]]:
-    """A one-process worker per model, measuring the reference precision with the model's own batching;
-    None for a model whose recipe is the grid's (its ``np1`` row measured exactly that already)."""
+    """A one-process worker per model (and per unfrozen phase, :func:`with_unfrozen_phases`), measuring the
+    reference precision with the model's own batching; None for a model whose recipe is the grid's (its
+    ``np1`` row measured exactly that already)."""
     ref = resolved_precisions(settings, device if device is not None else default_device())[0]
     planned = []
-    for m in models:
+    for m in with_unfrozen_phases(models):
         if same_recipe(benchmark_train_params(m.params), reference_params):
             planned.append((m, None))
         else:

@@ -69,6 +69,9 @@ def details_table(throughput: Sequence[Mapping[str, Any]], scaling: Mapping[str,
                            "GPU util"], rows)
 
 
+UNFROZEN_SUFFIX = "-unfrozen"  # a model row measured with nothing frozen (runner.with_unfrozen_phases)
+
+
 def models_table(models: Sequence[Mapping[str, Any]]) -> str:
     """One row per compared model: what it is, and its one-process training throughput."""
     rows = [(r["label"], r["model"].get("name", "?"), f"{r['parameters']:,}", f"{r['trainable_parameters']:,}",
@@ -86,6 +89,9 @@ def models_note(models: Sequence[Mapping[str, Any]]) -> str:
         # the rate of a frozen phase is not the rate after unfreeze_after_steps: say which one this is
         note += (" Measured as training starts (step 0): a frozen pretrained encoder (`freeze`) gets no "
                  "gradient, so its row is the frozen phase's rate, before any `unfreeze_after_steps`.")
+    if any(r["label"].endswith(UNFROZEN_SUFFIX) for r in models):
+        note += (f" A `{UNFROZEN_SUFFIX}` row is the same recipe with nothing frozen: the rate of its steps after "
+                 "`unfreeze_after_steps`.")
     return note
 
 
