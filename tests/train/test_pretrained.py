@@ -20,6 +20,7 @@ from asrflow.train.pretrained import (
     exportable_model_config,
     init_from_asrflow,
     param_groups,
+    pretrained_lr_factor,
     waveform_frontend,
 )
 from asrflow.train.pretrained.checkpoints import read_ct2_model_bin, write_ct2_model_bin
@@ -313,6 +314,37 @@ def test_freeze_first_k_blocks_then_unfreeze_after_n_steps(ct2_whisper):
     _train_steps(model, feats, lens, 1, start=3)
     assert not torch.equal(s3["layers.0.fc1.weight"], model.encoder.layers[0].fc1.weight)
     assert apply_freeze_schedule(model, 4) is False
+
+
+def test_the_encoders_lr_ramps_up_after_unfreezing(ct2_whisper):
+    """unfreeze_warmup_steps W: the trainer's prepare_step gives the pretrained group (step - N + 1) / W of
+    its LR for W steps after unfreeze_after_steps N; the head's LR is the schedule's throughout."""
+    from types import SimpleNamespace
+
+    from asrflow.train.params import TrainParams
+    from asrflow.train.trainer import TrainState, prepare_step
+
+    model = build_model({"name": "whisper_encoder", "checkpoint": str(ct2_whisper), "freeze": "all",
+                         "unfreeze_after_steps": 3, "unfreeze_warmup_steps": 4, "pretrained_lr_scale": 0.1},
+                        VOCAB, 80)
+    assert [pretrained_lr_factor(model, s) for s in range(9)] == [1, 1, 1, 0.25, 0.5, 0.75, 1, 1, 1]
+    params = TrainParams.from_config({"lr": 1e-3, "warmup_steps": 0, "lr_decay": "constant"})
+    optimizer = torch.optim.AdamW(param_groups(model), lr=1e-3)
+    ctx = SimpleNamespace(params=params, model=model, optimizer=optimizer, total_steps=100,
+                          world=SimpleNamespace(rank=0, size=1), aug=SimpleNamespace(reseed=lambda seed: None))
+    seen = []
+    for step in range(8):
+        prepare_step(ctx, TrainState(global_step=step), step)
+        seen.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+    assert all(s["new"] == pytest.approx(1e-3) for s in seen)
+    assert [s["pretrained"] for s in seen] == pytest.approx([1e-4] * 3 + [2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4])
+    assert model.encoder.conv1.weight.requires_grad  # unfrozen at step 3 by the same prepare_step
+    no_ramp = build_model({"name": "whisper_encoder", "checkpoint": str(ct2_whisper), "freeze": "all",
+                           "unfreeze_after_steps": 3}, VOCAB, 80)
+    assert {pretrained_lr_factor(no_ramp, s) for s in range(9)} == {1.0}
+    with pytest.raises(ValueError, match="unfreeze_warmup_steps must be >= 0"):
+        build_model({"name": "whisper_encoder", "checkpoint": str(ct2_whisper), "unfreeze_warmup_steps": -1},
+                    VOCAB, 80)
 
 
 def test_param_groups_give_the_pretrained_part_a_lower_lr(ct2_whisper):

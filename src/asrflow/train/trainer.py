@@ -250,7 +250,7 @@ StepHook = Callable[["Context", TrainState, StepRecord], None]
 def prepare_step(ctx: "Context", state: TrainState, index: int) -> None:
     """Per-step seeds (dropout, noise, masks, speed) from (seed, epoch, batch, rank), the LR, and the
     freeze schedule of a pretrained encoder (every rank changes it on the same step)."""
-    from asrflow.train.pretrained import apply_freeze_schedule, register_unfrozen_parameters
+    from asrflow.train.pretrained import apply_freeze_schedule, pretrained_lr_factor, register_unfrozen_parameters
 
     if apply_freeze_schedule(ctx.model, state.global_step):
         register_unfrozen_parameters(ctx.optimizer)
@@ -258,8 +258,9 @@ def prepare_step(ctx: "Context", state: TrainState, index: int) -> None:
     torch.manual_seed(seed)
     ctx.aug.reseed(seed)
     lr = learning_rate(ctx.params, state.global_step, ctx.total_steps, ctx.world.size, state.train_seconds)
+    rewarm = pretrained_lr_factor(ctx.model, state.global_step)
     for group in ctx.optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr * group.get("lr_scale", 1.0) * (rewarm if group.get("name") == "pretrained" else 1.0)
 
 
 def run_batches(ctx: "Context", state: TrainState, batches: Sequence[Sequence[str]],

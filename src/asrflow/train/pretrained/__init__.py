@@ -36,6 +36,7 @@ from asrflow.train.pretrained.freezing import (
     apply_freeze_schedule,
     frozen_parameters_at,
     param_groups,
+    pretrained_lr_factor,
     register_unfrozen_parameters,
 )
 from asrflow.train.pretrained.init_from import InitReport, init_from_asrflow
@@ -45,7 +46,8 @@ from asrflow.train.models import PRETRAINED_MODEL_NAMES  # noqa: E402  (one list
 __all__ = [
     "PRETRAINED_MODEL_NAMES", "CheckpointError", "InitReport", "apply_freeze_schedule", "build_pretrained_model",
     "bundled_whisper_tiny_en", "exportable_model_config", "frozen_parameters_at", "init_from_asrflow",
-    "param_groups", "register_unfrozen_parameters", "resolve_pretrained_config", "waveform_frontend",
+    "param_groups", "pretrained_lr_factor", "register_unfrozen_parameters", "resolve_pretrained_config",
+    "waveform_frontend",
 ]
 
 
@@ -74,8 +76,9 @@ def _check_common(c: dict[str, Any], n_blocks: int | None) -> None:
         raise ValueError(f"{c['name']}: freeze must be 'none', 'all' or a number of blocks >= 0, got {f!r}")
     if isinstance(f, int) and n_blocks is not None and f > n_blocks:
         raise ValueError(f"{c['name']}: freeze={f} blocks, but the encoder has {n_blocks}")
-    if int(c["unfreeze_after_steps"]) < 0:
-        raise ValueError(f"{c['name']}: unfreeze_after_steps must be >= 0")
+    for key in ("unfreeze_after_steps", "unfreeze_warmup_steps"):
+        if int(c[key]) < 0:
+            raise ValueError(f"{c['name']}: {key} must be >= 0")
     if not float(c["pretrained_lr_scale"]) > 0:
         raise ValueError(f"{c['name']}: pretrained_lr_scale must be > 0")
 

@@ -9,6 +9,10 @@ Works for every asrflow model: models without a pretrained part (``AcousticModel
 * ``unfreeze_after_steps`` N > 0: from global step N on, nothing is frozen but ``always_frozen_modules``
   (wav2vec2's CNN feature encoder with ``freeze_feature_encoder``).
 * ``pretrained_lr_scale``: the LR multiplier of the pretrained part; 1 for everything else.
+* ``unfreeze_warmup_steps`` W > 0: after unfreezing, the pretrained part's LR ramps up linearly over W
+  steps (:func:`pretrained_lr_factor`) instead of jumping to its full value. Adam's first updates are
+  about one LR in size for every weight, whatever its gradient, so a jump shakes the pretrained
+  weights all at once, just as the head starts to rely on them.
 
 Frozen parameters get ``requires_grad = False``: no gradient is computed for them, so AdamW skips them
 (weight decay included) and they stay bitwise unchanged.
@@ -74,6 +78,16 @@ def apply_freeze_schedule(model: nn.Module, step: int) -> bool:
         log.info("step %d: freeze schedule changed %d tensors; %d parameters frozen, %d trainable", step, changed,
                  n_frozen, sum(p.numel() for p in model.parameters() if p.requires_grad))
     return bool(changed)
+
+
+def pretrained_lr_factor(model: nn.Module, step: int) -> float:
+    """The factor on the pretrained group's LR at global step ``step``: ``(step - N + 1) / W`` for the W
+    steps from ``unfreeze_after_steps`` N on (``unfreeze_warmup_steps`` W), else 1."""
+    cfg = _config(model)
+    unfreeze_at, warm = int(cfg.get("unfreeze_after_steps") or 0), int(cfg.get("unfreeze_warmup_steps") or 0)
+    if unfreeze_at <= 0 or warm <= 0 or step < unfreeze_at:
+        return 1.0
+    return min(1.0, (step - unfreeze_at + 1) / warm)
 
 
 def pretrained_parameters(model: nn.Module) -> list[nn.Parameter]:

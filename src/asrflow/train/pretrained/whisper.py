@@ -68,6 +68,7 @@ WHISPER_DEFAULTS: dict[str, Any] = {
     "head_lstm_hidden": 192,
     "freeze": "none",               # "none" | "all" (the whole encoder) | k (convolutions + first k blocks)
     "unfreeze_after_steps": 0,      # 0: never; else everything trains from this step on
+    "unfreeze_warmup_steps": 0,     # W: after unfreezing, the encoder's LR ramps up over W steps
     "pretrained_lr_scale": 0.1,     # LR multiplier of the checkpoint's parameters (the head gets 1)
     "gradient_checkpointing": False,
 }
