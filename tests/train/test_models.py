@@ -8,6 +8,7 @@ from asrflow.train.models import (
     batchnorm_modules,
     build_model,
     count_parameters,
+    reverse_within_lengths,
 )
 
 N_MELS, VOCAB = 20, 7
@@ -123,6 +124,31 @@ def test_build_model_rejects_unknown_names_and_options():
         build_model({"name": "transformer"}, VOCAB, N_MELS)
     with pytest.raises(ValueError, match="unknown"):
         build_model({"name": "bilstm", "hiden_size": 3}, VOCAB, N_MELS)
+
+
+def test_bilstm_on_padded_batches_equals_the_packed_bilstm():
+    """Both directions run on the padded batch (the backward one reversed within each length): real
+    frames and their gradients equal nn.LSTM's on a PackedSequence, padding gets 0, an empty utterance too."""
+    torch.manual_seed(0)
+    enc = BiLSTMEncoder(6, hidden_size=5, num_layers=2, dropout=0.0)
+    x = torch.randn(3, 20, 6, requires_grad=True)
+    lens = torch.tensor([20, 13, 0])
+    out, out_lens = enc(x, lens)
+    ref = x
+    for lstm in enc.layers:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(ref, lens.clamp_min(1), batch_first=True, enforce_sorted=False)
+        ref = torch.nn.utils.rnn.pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=20)[0]
+    assert out.shape == (3, 20, 10) and out_lens is lens
+    torch.testing.assert_close(out[0], ref[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1, :13], ref[1, :13], atol=1e-6, rtol=0)
+    assert out[1, 13:].abs().max() == 0 and out[2].abs().max() == 0
+    grad, = torch.autograd.grad(out[:2].sum(), x, retain_graph=True)
+    grad_ref, = torch.autograd.grad(ref[:2].sum(), x)
+    torch.testing.assert_close(grad[:2], grad_ref[:2], atol=1e-6, rtol=0)
+    assert grad[1, 13:].abs().max() == 0  # padding never reaches a real frame, in either direction
+    alone, _ = enc(x[1:2, :13], lens[1:2])
+    torch.testing.assert_close(alone[0], out[1, :13], atol=1e-6, rtol=0)
+    assert torch.equal(reverse_within_lengths(torch.tensor([3, 0]), 4), torch.tensor([[2, 1, 0, 3], [0, 1, 2, 3]]))
 
 
 def test_count_parameters():

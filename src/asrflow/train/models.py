@@ -113,11 +113,23 @@ def checkpointed(fn: Callable, module: nn.Module, *args: Any) -> Any:
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 
 
+def reverse_within_lengths(lengths: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, frames) gather index that reverses each row's first ``lengths[b]`` frames and keeps the padding
+    after them in place; it is its own inverse."""
+    t = torch.arange(frames, device=lengths.device)[None, :]
+    n = lengths.to(t.device)[:, None]
+    return torch.where(t < n, n - 1 - t, t)
+
+
 class BiLSTMEncoder(nn.Module):
-    """Stacked bidirectional LSTMs on packed sequences; output dim ``2 * hidden_size``.
+    """Stacked bidirectional LSTMs on padded batches; output dim ``2 * hidden_size``, zero past each length.
 
     One ``nn.LSTM`` per layer (rather than ``num_layers=``) so each layer can be checkpointed alone and
-    dropout sits between layers.
+    dropout sits between layers. Each direction runs as one call on the padded batch (the backward one on
+    every utterance reversed within its own length), so padding only ever follows an utterance's real
+    frames and never reaches them. Not a ``PackedSequence``: on a CPU, PyTorch's LSTM backward over a
+    packed batch is unrolled step by step with a zero-filled gradient of the whole input per step, which is
+    quadratic in the length (about 10x slower at 250 frames, ``docs/results.md``, "Session 9").
     """
 
     def __init__(self, input_dim: int, hidden_size: int = 256, num_layers: int = 3, dropout: float = 0.1,
@@ -132,14 +144,22 @@ class BiLSTMEncoder(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
 
     @staticmethod
-    def _run_layer(lstm: nn.LSTM, x: torch.Tensor, lengths_cpu: torch.Tensor) -> torch.Tensor:
-        # pack_padded_sequence rejects zero lengths; those utterances produce garbage that CTC ignores
-        # (their out_len stays 0, so their loss is infinite and zeroed by zero_infinity)
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths_cpu.clamp_min(1), batch_first=True,
-                                                   enforce_sorted=False)
-        out, _ = lstm(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
+    def _direction(lstm: nn.LSTM, x: torch.Tensor, suffix: str) -> torch.Tensor:
+        """One direction of ``lstm`` (weights ``*_l0`` + ``suffix``) over the whole padded batch."""
+        weights = [getattr(lstm, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        h0 = x.new_zeros(1, x.size(0), lstm.hidden_size)
+        out, _, _ = torch.lstm(x, (h0, h0), weights, True, 1, 0.0, lstm.training, False, True)
         return out
+
+    @staticmethod
+    def _run_layer(lstm: nn.LSTM, x: torch.Tensor, lengths_cpu: torch.Tensor) -> torch.Tensor:
+        rev = reverse_within_lengths(lengths_cpu, x.size(1)).to(x.device)[:, :, None].expand(-1, -1, x.size(2))
+        forward = BiLSTMEncoder._direction(lstm, x, "")
+        backward = BiLSTMEncoder._direction(lstm, x.gather(1, rev), "_reverse")
+        backward = backward.gather(1, rev[:, :, :1].expand(-1, -1, backward.size(2)))
+        out = torch.cat([forward, backward], dim=-1)
+        # zero past each length, as a packed batch gives: the next layer's input and the head see only real frames
+        return out * lengths_to_mask(lengths_cpu.to(x.device), x.size(1))[:, :, None].to(out.dtype)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lengths_cpu = lengths.detach().to("cpu", torch.int64)
