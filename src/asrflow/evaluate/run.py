@@ -118,9 +118,19 @@ def decoding_vocabulary(model: Recognizer, lm_path: Path, decoder) -> list[str]:
     return arpa_vocabulary(lm_path)
 
 
+def spread_subset(utts: Sequence[Utterance], n: int) -> list[Utterance]:
+    """``n`` utterances evenly spaced over the id-sorted set (all of them if it has no more). Not the first
+    ``n``: ids start with the engine's name, so the first 60 of the embedded dev set are all espeak, its
+    easiest voices, and LM weights tuned on them would not be tuned for flite and festival."""
+    ordered = sorted(utts, key=lambda u: u.id)
+    if n <= 0 or n >= len(ordered):
+        return ordered
+    return [ordered[i * len(ordered) // n] for i in range(n)]
+
+
 def tune_on_dev(model: Recognizer, dev: Sequence[Utterance], base, s: EvalSettings) -> dict[str, Any]:
     """LM weight, word score (and beam, if ``s.beam_sizes``) chosen by WER on a dev subset, never test."""
-    dev = sorted(dev, key=lambda u: u.id)[: s.dev_tune_utterances]
+    dev = spread_subset(dev, s.dev_tune_utterances)
     em = compute_emissions(model, load_waves(dev, model.frontend), s.batch_size)
     t0 = time.time()
     result = tune_lm_weights(base.with_weights, [em[u.id] for u in dev], [u.text for u in dev],
