@@ -11,7 +11,13 @@ if config["corpus"]["source"] == "embedded":
         benchmark:
             "benchmarks/corpus/make_embedded_corpus.tsv"
         params:
-            preset=config["corpus"].get("preset", "default"),
+            # a preset name, or overrides on top of it when corpus.extra_train asks for more training utterances
+            # (a plain name otherwise, so existing corpora are not planned again)
+            preset=(
+                {"base": config["corpus"].get("preset", "default"), "n_train_extra": config["corpus"]["extra_train"]}
+                if config["corpus"].get("extra_train")
+                else config["corpus"].get("preset", "default")
+            ),
             defects=config["corpus"].get("defects", False),
             seed=config["seed"],
         threads: 2

@@ -157,6 +157,25 @@ def test_another_seed_gives_another_plan():
     assert a != [(s.id, s.sentences) for s in synth.plan_corpus(cfg, 2, pool)]
 
 
+def test_extra_training_utterances_leave_everything_planned_unchanged():
+    pool = load_sentences()
+    base = synth.plan_corpus(synth.resolve_preset("default"), SEED, pool)
+    more = synth.plan_corpus(synth.resolve_preset({"n_train_extra": 300}), SEED, pool)
+    key = lambda s: (s.id, s.split, s.speaker, s.sentences, s.long, s.telephone, s.gain_db, s.defect)  # noqa: E731
+    assert [key(s) for s in more[:len(base)]] == [key(s) for s in base]
+    extra = more[len(base):]
+    assert len(extra) == 300 and {s.split for s in extra} == {"train"}
+    train_speakers = {s.speaker for s in base if s.split == "train"}
+    assert {s.speaker for s in extra} <= train_speakers
+    spoken_before = {t for s in base for t in s.sentences}
+    extra_sentences = [t for s in extra for t in s.sentences]
+    # fresh text: no sentence of dev, test or the first training utterances, and none twice
+    assert not set(extra_sentences) & spoken_before
+    assert len(set(extra_sentences)) == len(extra_sentences)
+    assert len({s.id for s in more}) == len(more)
+    assert 0.05 < sum(s.telephone for s in extra) / len(extra) < 0.25
+
+
 def test_default_plan_shapes_the_data_as_specified():
     cfg = synth.resolve_preset("default")
     slots = synth.plan_corpus(cfg, SEED, load_sentences())

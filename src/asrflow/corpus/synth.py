@@ -115,6 +115,9 @@ _SMALL = {
     "min_words": 3, "max_words": 20,
     "defects": False,
     "batch_size": 16,
+    # more training utterances, planned after everything else from a generator of their own, so dev, test
+    # and the first n_train utterances stay byte-identical (corpus.extra_train in the config)
+    "n_train_extra": 0,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -318,6 +321,32 @@ def _flag_random(rng: np.random.Generator, slots: list[Slot], count: int, attr: 
         setattr(slots[int(i)], attr, True)
 
 
+def _extra_train_slots(cfg: dict[str, Any], seed: int, speakers: list[Speaker], planned: list[Slot],
+                       pool: list[str]) -> list[Slot]:
+    """``n_train_extra`` more one-sentence training slots from the training speakers.
+
+    They draw from a generator of their own (seeded by ``[seed, 1]``), so adding them changes nothing
+    already planned; their sentences are ones no planned slot speaks (dev and test ones above all),
+    and only when those run out do they repeat sentences of the training split.
+    """
+    rng = np.random.default_rng([seed, 1])
+    extra = _split_slots(cfg, "train", int(cfg["n_train_extra"]), speakers, rng)
+    _flag_random(rng, extra, round(len(extra) * cfg["telephone_fraction"]), "telephone")
+    lo, hi = cfg["gain_db"]
+    for slot in extra:
+        slot.gain_db = round(float(rng.uniform(lo, hi)), 1)
+    spoken = {t for slot in planned for t in slot.sentences}
+    fresh = [t for t in pool if t not in spoken]
+    order = list(rng.permutation(len(fresh)))
+    train_sentences = sorted({t for slot in planned if slot.split == "train" for t in slot.sentences})
+    for slot in extra:
+        if order:
+            slot.sentences = [fresh[int(order.pop())]]
+        else:
+            slot.sentences = [train_sentences[int(rng.integers(len(train_sentences)))]]
+    return extra
+
+
 def plan_corpus(cfg: dict[str, Any], seed: int, pool: list[str]) -> list[Slot]:
     """Every random decision of the corpus, in a fixed order, from one seeded generator."""
     rng = np.random.default_rng(seed)
@@ -337,6 +366,8 @@ def plan_corpus(cfg: dict[str, Any], seed: int, pool: list[str]) -> list[Slot]:
     for slot in slots:
         slot.gain_db = round(float(rng.uniform(lo, hi)), 1)
     _assign_sentences(cfg, slots, pool, rng)
+    if int(cfg["n_train_extra"]) > 0:
+        slots.extend(_extra_train_slots(cfg, seed, speakers["train"], slots, pool))
     counter: Counter[str] = Counter()
     for slot in slots:  # ids grouped by speaker, like Kaldi's <speaker>-<n>
         counter[slot.speaker.id] += 1
