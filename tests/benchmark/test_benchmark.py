@@ -393,6 +393,10 @@ def test_a_recipe_that_unfreezes_later_is_also_measured_unfrozen(tmp_path):
     unfrozen, run = planned[2]
     assert unfrozen.params["model"] == {"name": "whisper_encoder", "freeze": "none", "unfreeze_after_steps": 0}
     assert unfrozen.params["lr"] == 1e-3 and run.name == "model-staged-unfrozen" and run.processes == 1
+    # frozen_after_unfreeze k: after unfreezing, the stem and the first k blocks stay frozen, and so they do here
+    top_only = {"model": {**staged["model"], "frozen_after_unfreeze": 2}, "lr": 1e-3}
+    (_, _), (top_unfrozen, _) = plan_model_runs([ModelUnderTest("top", top_only)], s, reference, torch.device("cpu"))
+    assert top_unfrozen.params["model"] == {"name": "whisper_encoder", "freeze": 2, "unfreeze_after_steps": 0}
     assert staged["model"]["freeze"] == "all"  # the recipe itself is left as it is
 
     rows = [model_row(m, entry(raw_record([0.4] * 4, [8] * 4, parameters=p, total_parameters=8000)), reused=False)
@@ -401,7 +405,7 @@ def test_a_recipe_that_unfreezes_later_is_also_measured_unfrozen(tmp_path):
     report["models"] = rows
     section = table.render_markdown(report).split("## Throughput per model")[1].split("##")[0]
     assert "| staged-unfrozen | whisper_encoder | 8,000 | 8,000 |" in section
-    assert "`-unfrozen` row is the same recipe with nothing frozen" in section
+    assert "`-unfrozen` row is the same recipe as it trains after `unfreeze_after_steps`" in section
     assert mlflow_metrics(report)["models.staged-unfrozen.median_step_s"] == pytest.approx(0.4)
 
 

@@ -316,6 +316,34 @@ def test_freeze_first_k_blocks_then_unfreeze_after_n_steps(ct2_whisper):
     assert apply_freeze_schedule(model, 4) is False
 
 
+def test_only_the_top_blocks_unfreeze_with_frozen_after_unfreeze(ct2_whisper):
+    """freeze: all, then from step N the stem and the first k blocks stay frozen: bitwise unchanged through
+    the whole run, while the blocks above them train."""
+    n_blocks = len(build_model({"name": "whisper_encoder", "checkpoint": str(ct2_whisper)}, VOCAB, 80).encoder.layers)
+    keep = n_blocks - 1
+    cfg = {"name": "whisper_encoder", "checkpoint": str(ct2_whisper), "freeze": "all", "unfreeze_after_steps": 2,
+           "frozen_after_unfreeze": keep}
+    model = build_model(cfg, VOCAB, 80)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    s0 = _snapshot(model.encoder)
+    feats, lens = _feats(40, batch=2), torch.tensor([40, 30])
+    _train_steps(model, feats, lens, 2)  # steps 0, 1: everything frozen
+    assert apply_freeze_schedule(model, 2) is True
+    top = f"layers.{n_blocks - 1}."
+    assert all(p.requires_grad == k.startswith(top) for k, p in model.encoder.named_parameters()
+               if k.startswith(("conv", "layers.")))
+    _train_steps(model, feats, lens, 3, start=2)
+    s5 = _snapshot(model.encoder)
+    stays = [k for k in s0 if k.startswith(("conv1.", "conv2.")) or (k.startswith("layers.") and not k.startswith(top))]
+    assert stays and all(torch.equal(s0[k], s5[k]) for k in stays)
+    assert not torch.equal(s0[top + "fc1.weight"], s5[top + "fc1.weight"])
+    for bad in (n_blocks + 1, -1, True):
+        with pytest.raises(ValueError, match="frozen_after_unfreeze must be null or a number of blocks"):
+            build_model({**cfg, "frozen_after_unfreeze": bad}, VOCAB, 80)
+    with pytest.raises(ValueError, match="frozen_after_unfreeze needs unfreeze_after_steps"):
+        build_model({**cfg, "unfreeze_after_steps": 0}, VOCAB, 80)
+
+
 def test_the_encoders_lr_ramps_up_after_unfreezing(ct2_whisper):
     """unfreeze_warmup_steps W: the trainer's prepare_step gives the pretrained group (step - N + 1) / W of
     its LR for W steps after unfreeze_after_steps N; the head's LR is the schedule's throughout."""

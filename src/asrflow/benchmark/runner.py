@@ -186,14 +186,16 @@ def same_recipe(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 def with_unfrozen_phases(models: list[ModelUnderTest]) -> list[ModelUnderTest]:
     """Each model, followed, for a recipe that unfreezes its pretrained encoder after N steps, by the same
-    recipe with nothing frozen (label ``V-unfrozen``). The benchmark measures from step 0, where such a
+    recipe with nothing frozen, or only what ``frozen_after_unfreeze`` keeps frozen (label ``V-unfrozen``). The benchmark measures from step 0, where such a
     recipe is still frozen and 2-3x faster than in the steps after N, which are most of its training."""
     out = []
     for m in models:
         out.append(m)
         model = dict(m.params.get("model", {}))
         if model.get("freeze", "none") not in ("none", None) and int(model.get("unfreeze_after_steps") or 0) > 0:
-            unfrozen = {**dict(m.params), "model": {**model, "freeze": "none", "unfreeze_after_steps": 0}}
+            after = model.pop("frozen_after_unfreeze", None)  # the stem and blocks that stay frozen after unfreezing
+            unfrozen = {**dict(m.params), "model": {**model, "freeze": "none" if after is None else int(after),
+                                                     "unfreeze_after_steps": 0}}
             out.append(ModelUnderTest(m.label + table.UNFROZEN_SUFFIX, unfrozen))
     return out
 

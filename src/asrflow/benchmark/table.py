@@ -90,8 +90,8 @@ def models_note(models: Sequence[Mapping[str, Any]]) -> str:
         note += (" Measured as training starts (step 0): a frozen pretrained encoder (`freeze`) gets no "
                  "gradient, so its row is the frozen phase's rate, before any `unfreeze_after_steps`.")
     if any(r["label"].endswith(UNFROZEN_SUFFIX) for r in models):
-        note += (f" A `{UNFROZEN_SUFFIX}` row is the same recipe with nothing frozen: the rate of its steps after "
-                 "`unfreeze_after_steps`.")
+        note += (f" A `{UNFROZEN_SUFFIX}` row is the same recipe as it trains after `unfreeze_after_steps` (nothing "
+                 "frozen, or only what `frozen_after_unfreeze` keeps frozen): the rate of those steps.")
     return note
 
 

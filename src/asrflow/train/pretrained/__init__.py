@@ -79,6 +79,13 @@ def _check_common(c: dict[str, Any], n_blocks: int | None) -> None:
     for key in ("unfreeze_after_steps", "unfreeze_warmup_steps"):
         if int(c[key]) < 0:
             raise ValueError(f"{c['name']}: {key} must be >= 0")
+    k = c.get("frozen_after_unfreeze")
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0 or (n_blocks is not None and k > n_blocks):
+            raise ValueError(f"{c['name']}: frozen_after_unfreeze must be null or a number of blocks in 0..{n_blocks}, "
+                             f"got {k!r}")
+        if not int(c["unfreeze_after_steps"]) > 0:
+            raise ValueError(f"{c['name']}: frozen_after_unfreeze needs unfreeze_after_steps > 0")
     if not float(c["pretrained_lr_scale"]) > 0:
         raise ValueError(f"{c['name']}: pretrained_lr_scale must be > 0")
 

@@ -7,7 +7,10 @@ Works for every asrflow model: models without a pretrained part (``AcousticModel
   encoder); an int ``k``: the encoder's stem (convolutions; for wav2vec2 also the feature projection and
   positional convolution) and its first ``k`` blocks. The head always trains.
 * ``unfreeze_after_steps`` N > 0: from global step N on, nothing is frozen but ``always_frozen_modules``
-  (wav2vec2's CNN feature encoder with ``freeze_feature_encoder``).
+  (wav2vec2's CNN feature encoder with ``freeze_feature_encoder``), and, with ``frozen_after_unfreeze``
+  k, the stem and the first k blocks. A step then back-propagates through the top blocks only: with
+  Whisper tiny's 4 blocks and k = 2 it costs ~0.70x a step with nothing frozen (one rank, one thread,
+  4 x 5 s: 0.48 against 0.69 s), so the same time buys ~1.4x the fine-tuning steps.
 * ``pretrained_lr_scale``: the LR multiplier of the pretrained part; 1 for everything else.
 * ``unfreeze_warmup_steps`` W > 0: after unfreezing, the pretrained part's LR ramps up linearly over W
   steps (:func:`pretrained_lr_factor`) instead of jumping to its full value. Adam's first updates are
@@ -42,7 +45,12 @@ def frozen_parameters_at(model: nn.Module, step: int) -> set[int]:
         return set()
     frozen: list[nn.Module] = list(model.always_frozen_modules())
     unfreeze_at = int(cfg.get("unfreeze_after_steps") or 0)
-    if not (unfreeze_at > 0 and step >= unfreeze_at):
+    if unfreeze_at > 0 and step >= unfreeze_at:
+        keep = cfg.get("frozen_after_unfreeze")
+        if keep is not None:
+            stem, blocks = model.freeze_units()
+            frozen += stem + blocks[:int(keep)]
+    else:
         freeze = cfg.get("freeze", "none")
         if freeze == "all":
             frozen += list(model.pretrained_modules()) or [m for m in _encoder_modules(model)]

@@ -62,6 +62,7 @@ WAV2VEC2_DEFAULTS: dict[str, Any] = {
     "freeze_feature_encoder": True,  # the CNN stays frozen for the whole run, also after unfreezing
     "unfreeze_after_steps": 0,
     "unfreeze_warmup_steps": 0,     # W: after unfreezing, the encoder's LR ramps up over W steps
+    "frozen_after_unfreeze": None,  # k: CNN, projection, positional conv + first k layers stay frozen after unfreezing
     "pretrained_lr_scale": 0.1,
     "mask_time_prob": 0.05,
     "mask_time_length": 10,

@@ -69,6 +69,7 @@ WHISPER_DEFAULTS: dict[str, Any] = {
     "freeze": "none",               # "none" | "all" (the whole encoder) | k (convolutions + first k blocks)
     "unfreeze_after_steps": 0,      # 0: never; else everything trains from this step on
     "unfreeze_warmup_steps": 0,     # W: after unfreezing, the encoder's LR ramps up over W steps
+    "frozen_after_unfreeze": None,  # k: the convolutions + first k blocks stay frozen after unfreezing; None: nothing
     "pretrained_lr_scale": 0.1,     # LR multiplier of the checkpoint's parameters (the head gets 1)
     "gradient_checkpointing": False,
 }
