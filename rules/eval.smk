@@ -38,6 +38,8 @@ rule evaluate:
     output:
         metrics="results/eval/{variant}/metrics.json",
         hyps="results/eval/{variant}/hypotheses.jsonl",
+        # what it decoded with (dev-tuned blank penalty, LM search): asrflow-transcribe --decoding
+        decoding="results/eval/{variant}/decoding.json",
         by_condition=report("results/eval/{variant}/by_condition.csv", category="Evaluation",
                             subcategory="{variant}", labels={"table": "WER/CER by SNR"}),
         per_dialect=report("results/eval/{variant}/per_dialect.csv", category="Evaluation",
@@ -63,6 +65,7 @@ rule evaluate:
         lexicon=config["evaluation"].get("lexicon", "none"),
         cmudict_path=config["evaluation"].get("cmudict_path"),
         beam_sizes=config["evaluation"].get("beam_sizes"),
+        blank_penalties=config["evaluation"].get("blank_penalties", [0.0]),
         # the front end of models exported without a "frontend" entry: the prep settings
         sample_rate=config["prep"]["sample_rate"],
         target_rms_dbfs=config["prep"]["target_rms_dbfs"],

@@ -21,6 +21,7 @@ from asrflow.text import CharVocab
 from asrflow.train.features import LogMel, compute_cmvn_stats
 from asrflow.train.models import build_model
 from asrflow.transcribe import load_for_model, load_model, transcribe
+from asrflow.transcribe import main as transcribe_main
 from tests.train.trainer_fixtures import N_MELS, SR, TINY_MODEL, WORDS, synth
 
 STEPS = 220
@@ -119,7 +120,18 @@ def test_the_front_end_makes_features_level_invariant_and_the_decoded_text_ident
     assert (raw_feats[0] - raw_feats[1]).mean() > 2.0
 
 
-def test_transcribe_of_a_file_equals_the_evaluation_path(trained, tmp_path):
+def _transcribe_cli(capsys, argv: list[str]) -> dict[str, str]:
+    """asrflow-transcribe's printed lines, as {audio path: text}."""
+    capsys.readouterr()
+    assert transcribe_main(argv) == 0
+    out = {}
+    for line in capsys.readouterr().out.splitlines():
+        path, _, text = line.partition("\t")
+        out[path] = text
+    return out
+
+
+def test_transcribe_of_a_file_equals_the_evaluation_path(trained, tmp_path, capsys):
     """A stereo 22.05 kHz recording at another level, and plain ones: evaluate() scores what transcribe says."""
     from asrflow.data.demand import write_noise_manifest
     from asrflow.evaluate.ngram_lm import build_lm
@@ -154,13 +166,16 @@ def test_transcribe_of_a_file_equals_the_evaluation_path(trained, tmp_path):
     waves = load_waves(test, model.frontend)
     for u in test:
         assert torch.equal(waves[u.id], load_for_model(u.audio, model.frontend))
-    one_by_one = {u.id: transcribe(model, [u.audio])[0] for u in test}
-    assert greedy(model, compute_emissions(model, waves, batch_size=16)) == one_by_one
 
     settings = EvalSettings(snr_levels=(10.0,), beam_size=8, beam_size_token=8, lm_weights=(0.5, 1.0), word_scores=(0.0,),
                             dev_tune_utterances=6, lm_conditions=("clean",), threads=1, lexicon="lm_vocab",
-                            beam_sizes=(4, 8))
+                            beam_sizes=(4, 8), blank_penalties=(0.0, 1.0, 4.0))
     metrics = evaluate(trained["model"], manifest, noise_manifest, lm, tmp_path / "eval", settings)
+    penalty = metrics["greedy_tuning"]["blank_penalty"]
+    grid = {row["blank_penalty"]: row["cer"] for row in metrics["greedy_tuning"]["grid"]}
+    assert set(grid) == {0.0, 1.0, 4.0} and grid[penalty] == min(grid.values())
+    one_by_one = {u.id: transcribe(model, [u.audio], blank_penalty=penalty)[0] for u in test}
+    assert greedy(model, compute_emissions(model, waves, batch_size=16), penalty) == one_by_one
     records = read_records(tmp_path / "eval" / "hypotheses.jsonl")
     clean_greedy = {r["id"]: r["hyp"] for r in records if r["condition"] == "clean" and r["decoder"] == "greedy"}
     assert clean_greedy == one_by_one
@@ -169,3 +184,16 @@ def test_transcribe_of_a_file_equals_the_evaluation_path(trained, tmp_path):
     lm_hyps = [r["hyp"] for r in records if r["decoder"] == "lm"]
     assert lm_hyps and all(set(h.split()) <= set(WORDS) for h in lm_hyps)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["headline"]["test_oov_rate"] == 0.0
+
+    # asrflow-transcribe --decoding decoding.json says what the evaluation said, with its LM and without
+    decoding = tmp_path / "eval" / "decoding.json"
+    saved = json.loads(decoding.read_text())
+    assert saved["blank_penalty"] == penalty and saved["lexicon"] == "lm_vocab"
+    assert saved["beam_size"] == metrics["lm_tuning"]["beam_size"] and saved["lm_weight"] == metrics["lm_tuning"]["lm_weight"]
+    clean_lm = {r["id"]: r["hyp"] for r in records if r["condition"] == "clean" and r["decoder"] == "lm"}
+    for flags, expected in (([], clean_lm), (["--no-lm"], clean_greedy)):
+        out = _transcribe_cli(capsys, ["--model", str(trained["model"]), "--decoding", str(decoding), *flags,
+                                       *[u.audio for u in test]])
+        assert out == {str(u.audio): expected[u.id] for u in test}
+    with pytest.raises(SystemExit, match="no such file"):
+        transcribe_main(["--model", str(trained["model"]), "--decoding", str(tmp_path / "none.json"), test[0].audio])

@@ -12,6 +12,7 @@ settings = EvalSettings(snr_levels=tuple(p.snr_levels), beam_size=p.beam_size, b
                         dev_tune_utterances=p.dev_tune_utterances, lm_conditions=tuple(str(c) for c in p.lm_conditions),
                         seed=p.seed, threads=smk.threads, lexicon=p.lexicon, cmudict_path=p.cmudict_path,
                         beam_sizes=tuple(p.beam_sizes) if p.beam_sizes else None,
+                        blank_penalties=tuple(p.blank_penalties),
                         frontend=Frontend(sample_rate=p.sample_rate, target_rms_dbfs=p.target_rms_dbfs,
                                           peak_ceiling_dbfs=p.peak_ceiling_dbfs))
 out_dir = Path(smk.output.metrics).parent

@@ -1,6 +1,10 @@
 """Transcribe audio files with a trained asrflow model: any sample rate, mono or stereo, any level.
 
     asrflow-transcribe --model results/train/full/model.pt my_recording.wav [--lm results/lm/words.arpa]
+    asrflow-transcribe --model results/train/full/model.pt --decoding results/eval/full/decoding.json my.wav
+
+``--decoding`` takes the decoding the evaluation chose on dev (greedy's blank penalty; the LM, its
+lexicon, weights and beam), so a recording is decoded as the reported figures were; flags override it.
 
 Every file goes through the front end training audio went through in prep (``asrflow.loudness``):
 mono, the model's sample rate, and loudness normalization of active speech to the target stored in
@@ -9,6 +13,7 @@ the model (``frontend`` in ``model.pt``), so a recording made 20 dB quieter read
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -83,39 +88,77 @@ def emissions(model: Recognizer, waves: list[torch.Tensor]) -> tuple[torch.Tenso
 
 def transcribe(model: Recognizer, paths: list[str | Path], lm_path: str | Path | None = None,
                lm_weight: float = 1.0, word_score: float = 0.0, beam_size: int = 50, lexicon: str = "none",
-               cmudict_path: str | Path | None = None) -> list[str]:
-    """Greedy without ``lm_path``; else LM beam search, lexicon-free (``lexicon="none"``) or over the
-    LM's words (``"lm_vocab"``) plus the CMU dictionary's (``"cmudict"``)."""
+               cmudict_path: str | Path | None = None, blank_penalty: float = 0.0,
+               beam_size_token: int | None = None) -> list[str]:
+    """Greedy without ``lm_path`` (``blank_penalty``: see ``greedy_decode``); else LM beam search,
+    lexicon-free (``lexicon="none"``) or over the LM's words (``"lm_vocab"``) plus the CMU dictionary's
+    (``"cmudict"``)."""
     from asrflow.evaluate.decoding import BeamSearchDecoder, LexiconBeamSearchDecoder, greedy_decode, lexicon_words
 
     waves = [load_for_model(p, model.frontend) for p in paths]
     log_probs, out_lens = emissions(model, waves)
     if lm_path is None:
-        return greedy_decode(log_probs, out_lens, model.vocab)
+        return greedy_decode(log_probs, out_lens, model.vocab, blank_penalty)
     if lexicon != "none":
         decoder = LexiconBeamSearchDecoder(model.vocab, lm_path, lexicon_words(lexicon, lm_path, cmudict_path),
-                                           beam_size=beam_size, lm_weight=lm_weight, word_score=word_score)
+                                           beam_size=beam_size, lm_weight=lm_weight, word_score=word_score,
+                                           beam_size_token=beam_size_token)
     else:
         decoder = BeamSearchDecoder(model.vocab, lm_path=str(lm_path), beam_size=beam_size, lm_weight=lm_weight,
-                                    word_score=word_score)
+                                    word_score=word_score, beam_size_token=beam_size_token)
     return decoder.decode(log_probs, out_lens)
+
+
+# transcribe()'s decoding options and their values when neither --decoding nor a flag sets them
+DECODING_DEFAULTS = {"lm": None, "lexicon": "none", "cmudict": None, "lm_weight": 1.0, "word_score": 0.0,
+                     "beam_size": 50, "beam_size_token": None, "blank_penalty": 0.0}
+
+
+def decoding_options(decoding_file: str | Path | None, flags: dict) -> dict:
+    """The defaults, then the evaluation's ``decoding.json`` (its LM path is relative to the file), then
+    every flag given (None: not given); ``flags["no_lm"]`` drops the LM (greedy, with the file's penalty)."""
+    opts = dict(DECODING_DEFAULTS)
+    if decoding_file is not None:
+        path = Path(decoding_file)
+        if not path.is_file():
+            raise SystemExit(f"--decoding {path}: no such file (the evaluation writes results/eval/<variant>/decoding.json)")
+        saved = json.loads(path.read_text())
+        if saved.get("lm"):
+            saved["lm"] = str(path.parent / saved["lm"])
+            if not Path(saved["lm"]).is_file():
+                raise SystemExit(f"--decoding {path} names the LM {saved['lm']}, which does not exist "
+                                 "(give --lm, or --no-lm for greedy decoding)")
+        opts.update({k: v for k, v in saved.items() if k in opts})
+    opts.update({k: v for k, v in flags.items() if k in opts and v is not None})
+    if flags.get("no_lm"):
+        opts["lm"] = None
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Transcribe audio files with a trained asrflow model.")
     ap.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3; any rate; mono or stereo)")
     ap.add_argument("--model", required=True, help="model.pt written by the training rule")
+    ap.add_argument("--decoding", default=None,
+                    help="decoding.json of the evaluation (results/eval/<variant>/): decode as it did, with what it "
+                         "chose on dev; the flags below override it")
     ap.add_argument("--lm", default=None, help="word n-gram LM (ARPA) for beam search; greedy without it")
-    ap.add_argument("--lm-weight", type=float, default=1.0)
-    ap.add_argument("--word-score", type=float, default=0.0)
-    ap.add_argument("--beam-size", type=int, default=50)
-    ap.add_argument("--lexicon", choices=["none", "lm_vocab", "cmudict"], default="none",
-                    help="with --lm: lexicon-free search, or only the LM's words (plus the CMU dictionary's)")
+    ap.add_argument("--no-lm", action="store_true", help="greedy decoding even if --decoding names an LM")
+    ap.add_argument("--lm-weight", type=float, default=None, help="default 1.0")
+    ap.add_argument("--word-score", type=float, default=None, help="default 0.0")
+    ap.add_argument("--beam-size", type=int, default=None, help="default 50")
+    ap.add_argument("--beam-size-token", type=int, default=None, help="default: every token")
+    ap.add_argument("--lexicon", choices=["none", "lm_vocab", "cmudict"], default=None,
+                    help="with --lm: lexicon-free search (default), or only the LM's words (plus the CMU dictionary's)")
     ap.add_argument("--cmudict", default=None, help="CMU dictionary file (default: the pocketsphinx package's)")
+    ap.add_argument("--blank-penalty", type=float, default=None,
+                    help="greedy: subtracted from blank's log-probability on every frame (default 0)")
     args = ap.parse_args(argv)
+    opts = decoding_options(args.decoding, vars(args))
     model = load_model(args.model)
-    texts = transcribe(model, args.audio, args.lm, args.lm_weight, args.word_score, args.beam_size,
-                       lexicon=args.lexicon, cmudict_path=args.cmudict)
+    texts = transcribe(model, args.audio, opts["lm"], opts["lm_weight"], opts["word_score"], opts["beam_size"],
+                       lexicon=opts["lexicon"], cmudict_path=opts["cmudict"], blank_penalty=opts["blank_penalty"],
+                       beam_size_token=opts["beam_size_token"])
     for path, text in zip(args.audio, texts):
         print(f"{path}\t{text}")
     return 0

@@ -59,6 +59,35 @@ def test_greedy_collapses_repeats_and_drops_blanks():
     assert greedy_decode(emissions(["|", "A", "|", BLANK, "|", "B", "|"]), vocab=VOCAB) == ["A B"]
 
 
+def test_a_blank_penalty_recovers_a_letter_that_blank_narrowly_wins():
+    # "CAT" whose T frame gives blank 0.55 and T 0.45: plain greedy drops the T
+    lp = emissions(spell("CA") + [{BLANK: 0.55, "T": 0.45}, BLANK])
+    before = lp.clone()
+    assert greedy_decode(lp, None, VOCAB) == ["CA"]
+    # log(0.55 / 0.45) = 0.20: a smaller penalty changes nothing, a larger one brings the T back
+    assert greedy_decode(lp, None, VOCAB, blank_penalty=0.1) == ["CA"]
+    assert greedy_decode(lp, None, VOCAB, blank_penalty=0.3) == ["CAT"]
+    assert torch.equal(lp, before)  # the caller's emissions are left alone
+    # where blank wins by a wide margin (the other frames: ~12 nats), a moderate penalty inserts nothing
+    assert greedy_decode(emissions(spell("CAT")), None, VOCAB, blank_penalty=5.0) == ["CAT"]
+
+
+def test_the_evaluation_picks_the_blank_penalty_with_the_lowest_dev_cer():
+    from types import SimpleNamespace
+
+    from asrflow.evaluate.run import tune_blank_penalty
+
+    model = SimpleNamespace(vocab=VOCAB)
+    em = {"a": emissions(spell("CA") + [{BLANK: 0.55, "T": 0.45}, BLANK]),  # needs a penalty > 0.20
+          "b": emissions(spell("DOG"))}                                      # right with any of these
+    got = tune_blank_penalty(model, em, {"a": "CAT", "b": "DOG"}, [1.0, 0.0, 0.5, 3.0])
+    assert [row["blank_penalty"] for row in got["grid"]] == [0.0, 0.5, 1.0, 3.0]
+    assert got["grid"][0]["cer"] == pytest.approx(1 / 6) and got["grid"][1]["cer"] == 0.0
+    assert got["blank_penalty"] == 0.5  # 0.5, 1.0 and 3.0 tie at CER 0: the smallest wins
+    assert got["dev_utterances"] == 2
+    assert tune_blank_penalty(model, {}, {}, [0.0, 1.0])["blank_penalty"] == 0.0
+
+
 def test_greedy_batch_respects_lengths_and_accepts_numpy():
     a = emissions(spell("HI YO"))
     b = emissions(spell("OK") + ["Z"] * (a.shape[0] - len(spell("OK"))))  # padding spells ZZZ

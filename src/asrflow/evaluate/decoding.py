@@ -51,17 +51,23 @@ def _as_batch(log_probs, lengths) -> tuple[torch.Tensor, list[int]]:
     return x.detach().to("cpu", torch.float32), lens
 
 
-def greedy_decode(log_probs, lengths=None, vocab: CharVocab | None = None) -> list[str]:
+def greedy_decode(log_probs, lengths=None, vocab: CharVocab | None = None, blank_penalty: float = 0.0) -> list[str]:
     """Best-path CTC decoding: per-frame argmax, merge repeats, drop blanks, ``|`` -> space.
 
     ``log_probs`` is (T, V) or (B, T, V) (any monotone scores work: only the argmax matters);
     ``lengths`` gives each item's valid frames (default: all). Returns one string per item.
+    ``blank_penalty`` is subtracted from the blank's score on every frame before the argmax. A CTC model
+    trained for only a few epochs over-predicts blank, so its errors are mostly deletions; a penalty
+    trades some of them for insertions. The evaluation tunes it on dev (``evaluation.blank_penalties``).
     """
     if vocab is None:
         raise ValueError("greedy_decode needs the vocabulary")
     x, lens = _as_batch(log_probs, lengths)
     if x.shape[-1] != len(vocab):
         raise ValueError(f"log_probs has {x.shape[-1]} classes, vocabulary has {len(vocab)}")
+    if blank_penalty:
+        x = x.clone()  # _as_batch may return the caller's own tensor
+        x[..., vocab.blank_id] -= float(blank_penalty)
     best = x.argmax(dim=-1)
     texts = []
     for b, n in enumerate(lens):

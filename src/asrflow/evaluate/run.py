@@ -13,6 +13,7 @@ import csv
 import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ class EvalSettings:
     lexicon: str = "none"
     cmudict_path: str | None = None
     beam_sizes: Sequence[int] | None = None
+    # greedy decoding's blank penalty, chosen by CER on the whole dev set (greedy costs nothing to repeat)
+    blank_penalties: Sequence[float] = (0.0,)
 
 
 def speaker_group(u: Utterance) -> str:
@@ -97,8 +100,22 @@ def compute_emissions(model: Recognizer, waves: dict[str, torch.Tensor], batch_s
     return out
 
 
-def greedy(model: Recognizer, em: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {uid: greedy_decode(lp, None, model.vocab)[0] for uid, lp in em.items()}
+def greedy(model: Recognizer, em: dict[str, torch.Tensor], blank_penalty: float = 0.0) -> dict[str, str]:
+    return {uid: greedy_decode(lp, None, model.vocab, blank_penalty)[0] for uid, lp in em.items()}
+
+
+def tune_blank_penalty(model: Recognizer, em: dict[str, torch.Tensor], refs: dict[str, str],
+                       penalties: Sequence[float]) -> dict[str, Any]:
+    """The greedy blank penalty with the lowest CER on ``refs`` (dev), the smallest one on a tie."""
+    if not refs:  # no dev set: nothing to choose on
+        return {"blank_penalty": 0.0, "dev_utterances": 0, "grid": []}
+    grid = []
+    for penalty in sorted({float(p) for p in penalties}, key=abs):
+        hyps = greedy(model, em, penalty)
+        stats = score_corpus([refs[u] for u in sorted(refs)], [hyps[u] for u in sorted(refs)])
+        grid.append({"blank_penalty": penalty, "cer": stats.cer, "wer": stats.wer})
+    best = min(grid, key=lambda row: row["cer"])  # min keeps the first, smallest |penalty|, of equal CERs
+    return {"blank_penalty": best["blank_penalty"], "dev_utterances": len(refs), "grid": grid}
 
 
 def lm_decoder(model: Recognizer, lm_path: Path, s: EvalSettings):
@@ -128,10 +145,12 @@ def spread_subset(utts: Sequence[Utterance], n: int) -> list[Utterance]:
     return [ordered[i * len(ordered) // n] for i in range(n)]
 
 
-def tune_on_dev(model: Recognizer, dev: Sequence[Utterance], base, s: EvalSettings) -> dict[str, Any]:
+def tune_on_dev(model: Recognizer, dev: Sequence[Utterance], base, s: EvalSettings,
+                em: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """LM weight, word score (and beam, if ``s.beam_sizes``) chosen by WER on a dev subset, never test."""
     dev = spread_subset(dev, s.dev_tune_utterances)
-    em = compute_emissions(model, load_waves(dev, model.frontend), s.batch_size)
+    if em is None:
+        em = compute_emissions(model, load_waves(dev, model.frontend), s.batch_size)
     t0 = time.time()
     result = tune_lm_weights(base.with_weights, [em[u.id] for u in dev], [u.text for u in dev],
                              weight_grid(s.lm_weights, s.word_scores, s.beam_sizes))
@@ -155,8 +174,12 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
     by_id = {u.id: u for u in test}
     noises = noise_recordings(noise_manifest, "heldout")
 
+    # everything the decoders choose is chosen on dev: the blank penalty on all of it, the LM on a subset
+    dev_em = compute_emissions(model, load_waves(dev, model.frontend), s.batch_size) if dev else {}
+    greedy_tuning = tune_blank_penalty(model, dev_em, {u.id: u.text for u in dev}, s.blank_penalties)
+    blank_penalty = greedy_tuning["blank_penalty"]
     base = lm_decoder(model, lm_path, s) if lm_path else None
-    tuning = tune_on_dev(model, dev, base, s) if base is not None else None
+    tuning = tune_on_dev(model, dev, base, s, dev_em or None) if base is not None else None
     decoder = None
     oov = None
     if tuning:
@@ -173,7 +196,7 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
         waves = clean_waves if snr is None else normalize_waves(mix_condition(clean_waves, noises, snr, s.seed),
                                                                  model.frontend)
         em = compute_emissions(model, waves, s.batch_size)
-        hyps = {"greedy": greedy(model, em)}
+        hyps = {"greedy": greedy(model, em, blank_penalty)}
         if decoder is not None and cond in s.lm_conditions:
             hyps["lm"] = {uid: decoder.decode(lp)[0] for uid, lp in em.items()}
         timings[cond] = round(time.time() - t0, 1)
@@ -183,11 +206,29 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
                 records.append({"id": uid, "condition": cond, "decoder": dec, "ref": u.text, "hyp": hyp,
                                 "dialect": u.dialect, "speaker": u.speaker, "speaker_group": speaker_group(u)})
     metrics = summarize(records, tuning, timings)
+    metrics["greedy_tuning"] = greedy_tuning
     if oov is not None:
         metrics["test_oov"] = oov
         metrics["headline"]["test_oov_rate"] = oov["oov_rate"]
     write_outputs(out_dir, records, metrics)
+    write_json(out_dir / DECODING_FILE, decoding_settings(out_dir, blank_penalty, lm_path, tuning, s))
     return metrics
+
+
+DECODING_FILE = "decoding.json"
+
+
+def decoding_settings(out_dir: Path, blank_penalty: float, lm_path: Path | None, tuning: dict | None,
+                      s: EvalSettings) -> dict[str, Any]:
+    """What the evaluation decoded with, for ``asrflow-transcribe --decoding``: the same blank penalty and LM
+    search, so a user's recordings are decoded as the reported figures were. The LM path is relative to
+    this file's folder, so the results folder can move."""
+    out: dict[str, Any] = {"blank_penalty": blank_penalty, "tuned_on": "dev"}
+    if tuning is not None and lm_path is not None:
+        out.update(lm=os.path.relpath(Path(lm_path).resolve(), Path(out_dir).resolve()), lexicon=s.lexicon,
+                   cmudict=s.cmudict_path, lm_weight=tuning["lm_weight"], word_score=tuning["word_score"],
+                   beam_size=tuning.get("beam_size") or s.beam_size, beam_size_token=s.beam_size_token)
+    return out
 
 
 def summarize(records: list[dict], tuning: dict | None, timings: dict) -> dict[str, Any]:
