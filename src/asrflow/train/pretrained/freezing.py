@@ -9,8 +9,10 @@ Works for every asrflow model: models without a pretrained part (``AcousticModel
 * ``unfreeze_after_steps`` N > 0: from global step N on, nothing is frozen but ``always_frozen_modules``
   (wav2vec2's CNN feature encoder with ``freeze_feature_encoder``), and, with ``frozen_after_unfreeze``
   k, the stem and the first k blocks. A step then back-propagates through the top blocks only: with
-  Whisper tiny's 4 blocks and k = 2 it costs ~0.70x a step with nothing frozen (one rank, one thread,
-  4 x 5 s: 0.48 against 0.69 s), so the same time buys ~1.4x the fine-tuning steps.
+  Whisper tiny's 4 blocks and k = 2 it costs ~0.65x a step with nothing frozen (one rank, one thread,
+  4 x 5 s: 0.48 against 0.75 s, ``scripts/time_whisper_encoder.py --freeze-steps``). In training the
+  saving is smaller (data, head and allreduce do not shrink), and the default does not use it: at equal
+  time it was 1.9 points of dev CER worse (docs/results.md, "Session 10").
 * ``pretrained_lr_scale``: the LR multiplier of the pretrained part; 1 for everything else.
 * ``unfreeze_warmup_steps`` W > 0: after unfreezing, the pretrained part's LR ramps up linearly over W
   steps (:func:`pretrained_lr_factor`) instead of jumping to its full value. Adam's first updates are
