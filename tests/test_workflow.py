@@ -148,7 +148,10 @@ def test_transcribe_takes_stereo_44k_audio(tracked_run, tmp_path):
     path = tmp_path / "stereo.wav"
     sf.write(path, stereo, 44100)
     cli = str(Path(sys.executable).with_name("asrflow-transcribe"))
-    for extra in ([], ["--lm", str(work / "results/lm/words.arpa")]):
+    # plain greedy, an LM given by hand, and the evaluation's own decoding (decoding.json: its LM found
+    # relative to the file, its lexicon, weights and blank penalty)
+    for extra in ([], ["--lm", str(work / "results/lm/words.arpa")],
+                  ["--decoding", str(work / "results/eval/full/decoding.json")]):
         proc = subprocess.run([cli, "--model", str(work / "results/train/full/model.pt"), str(path), *extra],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr

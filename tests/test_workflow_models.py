@@ -118,13 +118,15 @@ def test_benchmark_has_a_row_per_model(models_run):
 
 @pytest.mark.parametrize("variant", list(MODEL_OF_VARIANT))
 def test_transcribe_with_the_exported_model_alone(models_run, variant):
-    """model.pt is enough (the pretrained checkpoint folders were moved away), and asrflow-transcribe decodes
-    a test file as the evaluation did."""
+    """model.pt is enough (the pretrained checkpoint folders were moved away), and asrflow-transcribe, given the
+    evaluation's decoding.json (its dev-chosen blank penalty), decodes a test file as the evaluation did."""
     work = models_run["work"]
     assert not (work.parent / "checkpoints").exists() and (work.parent / "checkpoints.moved" / "whisper").is_dir()
     test_utt = next(u for u in read_manifest(work / "results/prep/truncated.jsonl") if u.split == "test")
     cli = str(Path(sys.executable).with_name("asrflow-transcribe"))
-    proc = subprocess.run([cli, "--model", str(work / "results/train" / variant / "model.pt"), test_utt.audio],
+    decoding = work / "results/eval" / variant / "decoding.json"
+    proc = subprocess.run([cli, "--model", str(work / "results/train" / variant / "model.pt"), "--decoding", str(decoding),
+                           "--no-lm", test_utt.audio],
                           capture_output=True, text=True, timeout=300, env=models_run["env"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     name, _, text = proc.stdout.strip("\n").partition("\t")

@@ -123,6 +123,8 @@ def decoding_options(decoding_file: str | Path | None, flags: dict) -> dict:
         if not path.is_file():
             raise SystemExit(f"--decoding {path}: no such file (the evaluation writes results/eval/<variant>/decoding.json)")
         saved = json.loads(path.read_text())
+        if flags.get("no_lm"):
+            saved.pop("lm", None)
         if saved.get("lm"):
             saved["lm"] = str(path.parent / saved["lm"])
             if not Path(saved["lm"]).is_file():
