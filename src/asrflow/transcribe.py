@@ -121,7 +121,8 @@ def decoding_options(decoding_file: str | Path | None, flags: dict) -> dict:
     if decoding_file is not None:
         path = Path(decoding_file)
         if not path.is_file():
-            raise SystemExit(f"--decoding {path}: no such file (the evaluation writes results/eval/<variant>/decoding.json)")
+            raise SystemExit(f"--decoding {path}: no such file "
+                             "(the evaluation writes results/eval/<variant>/decoding.json)")
         saved = json.loads(path.read_text())
         if flags.get("no_lm"):
             saved.pop("lm", None)

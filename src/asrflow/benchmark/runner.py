@@ -186,8 +186,9 @@ def same_recipe(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 def with_unfrozen_phases(models: list[ModelUnderTest]) -> list[ModelUnderTest]:
     """Each model, followed, for a recipe that unfreezes its pretrained encoder after N steps, by the same
-    recipe with nothing frozen, or only what ``frozen_after_unfreeze`` keeps frozen (label ``V-unfrozen``). The benchmark measures from step 0, where such a
-    recipe is still frozen and 2-3x faster than in the steps after N, which are most of its training."""
+    recipe with nothing frozen, or only what ``frozen_after_unfreeze`` keeps frozen (label ``V-unfrozen``).
+    The benchmark measures from step 0, where such a recipe is still frozen and 2-3x faster than in the
+    steps after N, which are most of its training."""
     out = []
     for m in models:
         out.append(m)
