@@ -33,11 +33,30 @@ else
   echo "all ${#APT_PACKAGES[@]} present"
 fi
 
+# Free space a fresh venv needs: PyPI's Linux torch is the CUDA build, and with its nvidia-* wheels the
+# venv holds 6.0 GB; pip also keeps the downloaded wheels (~3.5 GB) in its temp folder until they are
+# installed. Checked before pip starts, so a small disk stops here with the numbers, not halfway
+# through an install with "[Errno 28] No space left on device".
+VENV_NEEDS_GB=${ASRFLOW_VENV_NEEDS_GB:-10}
+free_gb() { df -Pk "$1" | awk 'NR==2 {printf "%.1f", $4 / 1048576}'; }
+check_space() {  # check_space FOLDER GB WHAT
+  local have; have=$(free_gb "$1")
+  if awk -v h="$have" -v n="$2" 'BEGIN {exit !(h < n)}'; then
+    echo "asrflow install: $3 needs about $2 GB free on the file system of $1; it has $have GB." >&2
+    echo "  Free space there, or put the venv on a larger disk (ASRFLOW_VENV=/big/disk/venv make install)." >&2
+    exit 1
+  fi
+}
+
 step "virtual environment $VENV"
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-PY="$VENV/bin/python"
 stamp="$VENV/.asrflow-requirements.sha256"
 want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  mkdir -p "$(dirname "$VENV")"
+  check_space "$(dirname "$VENV")" "$VENV_NEEDS_GB" "the virtual environment (torch with its CUDA libraries)"
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY="$VENV/bin/python"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$PY" -m pip install -q --upgrade pip setuptools wheel
   "$PY" -m pip install -q -r scripts/requirements.txt
