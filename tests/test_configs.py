@@ -38,6 +38,7 @@ def test_make_run_trains_the_whisper_default_alone(tmp_path):
     ("transfer.yaml", {"whisper_tiny", "transfer_head", "transfer_ft"}),
     # the default's recipe with twice the steps on 3x the training audio (run in a clone of its own)
     ("more_audio.yaml", {"whisper_tiny"}),
+    ("long_cpu.yaml", {"whisper_tiny"}),
 ])
 def test_the_other_make_targets_plan_their_models(tmp_path, configfile, expected):
     assert planned_models(tmp_path, configfile) == expected
