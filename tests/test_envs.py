@@ -1,5 +1,8 @@
-"""envs/*.yaml, the Dockerfile and the install script agree on one set of pins."""
+"""envs/*.yaml, the Dockerfile and the install script agree on one set of pins; the install script
+checks the disk first."""
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,18 @@ def test_every_rule_names_an_existing_env():
 def test_dockerfile_runs_the_install_script():
     text = (REPO / "Dockerfile").read_text()
     assert "scripts/install.sh" in text and "ENTRYPOINT" in text
+
+
+def test_install_stops_before_pip_when_the_disk_cannot_hold_the_venv(tmp_path):
+    """A disk too small for the venv is named, with the numbers, before anything is installed (not
+    `[Errno 28] No space left on device` halfway through pip): nothing is created."""
+    venv = tmp_path / "venv"
+    env = {**os.environ, "ASRFLOW_VENV": str(venv), "ASRFLOW_VENV_NEEDS_GB": "100000"}
+    done = subprocess.run(["bash", "scripts/install.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    m = re.search(r"needs about 100000 GB free on the file system of (\S+); it has ([\d.]+) GB", done.stderr)
+    assert m and m.group(1) == str(tmp_path), done.stderr
+    assert 0 <= float(m.group(2)) < 100000
+    assert "ASRFLOW_VENV=" in done.stderr  # the way out
+    assert not venv.exists()
