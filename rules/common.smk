@@ -1,5 +1,6 @@
 # Shared helpers for the rule files.
 import json
+import re
 import shlex
 import sys
 
@@ -109,7 +110,9 @@ def benchmark_variant():
 def benchmark_models():
     """(variant, recipe) of each model the per-model table compares: `benchmark.models`, default every trained
     variant. Only the recipes are read (a fresh model per row), so the rule needs no trained model."""
-    variants = config.get("benchmark", {}).get("models") or config["training"]["run_variants"]
+    # an averaged variant has no recipe of its own to time: its parents' rows are its cost
+    variants = config.get("benchmark", {}).get("models") or [
+        v for v in config["training"]["run_variants"] if not config["training"]["variants"][v].get("average_of")]
     return [{"label": v, "params": variant_train_params(v),
              "encoder_cache": next((os.path.dirname(p) for p in encoder_cache_index(v)), None)} for v in variants]
 
@@ -122,6 +125,32 @@ def encoder_cache_index(variant):
 def phone_lexicon_input(variant):
     """The phone lexicon (rule phone_lexicon) a variant with an auxiliary phone CTC head trains with."""
     return ["results/prep/phones.json"] if variant_params(variant).get("model", {}).get("phone_ctc_layer") else []
+
+
+def averaged_parents(variant):
+    """The variants whose weights an `average_of` variant averages (each must be defined, and not itself
+    the variant)."""
+    parents = config["training"]["variants"][variant].get("average_of") or []
+    unknown = [p for p in parents if p not in config["training"]["variants"] or p == variant]
+    if unknown:
+        raise ValueError(f"training.variants.{variant}.average_of names {unknown}: not other variants under "
+                         "training.variants")
+    return parents
+
+
+def _variants_pattern(averaged):
+    """A wildcard regex matching exactly the trained (or the averaged) variants' names, so each
+    results/train/<variant>/model.pt has one producing rule; matches nothing when there are none."""
+    names = [v for v, p in config["training"]["variants"].items() if bool((p or {}).get("average_of")) == averaged]
+    return "|".join(re.escape(v) for v in sorted(names, key=len, reverse=True)) or "(?!)"
+
+
+def trained_variants_pattern():
+    return _variants_pattern(averaged=False)
+
+
+def averaged_variants_pattern():
+    return _variants_pattern(averaged=True)
 
 
 def init_from_input(variant):

@@ -50,6 +50,8 @@ rule encoder_cache:
 
 
 rule train:
+    wildcard_constraints:
+        variant=trained_variants_pattern(),
     input:
         manifest="results/prep/truncated.jsonl",
         plan="results/prep/buckets.json",
@@ -105,3 +107,29 @@ rule train:
           --params {params.out_dir}/params.json --run-config {params.out_dir}/run_config.json \
           --frontend {params.out_dir}/frontend.json {params.encoder_cache} {params.phones} > {log} 2>&1
         """
+
+
+rule average_models:
+    """A variant with `average_of: [a, b, ...]`: the mean of those variants' weights (weight averaging
+    over the ends of training stages; asrflow.train.averaging). No training: its model is evaluated,
+    transcribed and reported like a trained one."""
+    wildcard_constraints:
+        variant=averaged_variants_pattern(),
+    input:
+        models=lambda wc: [f"results/train/{v}/model.pt" for v in averaged_parents(wc.variant)],
+        summaries=lambda wc: [f"results/train/{v}/train_summary.json" for v in averaged_parents(wc.variant)],
+    output:
+        model="results/train/{variant}/model.pt",
+        summary="results/train/{variant}/train_summary.json",
+    log:
+        "logs/train/{variant}.log",
+    benchmark:
+        "benchmarks/train/{variant}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/training.yaml"
+    script:
+        f"{SCRIPTS}/average_models.py"

@@ -40,7 +40,7 @@ def test_make_run_trains_the_whisper_default_alone(tmp_path):
     ("more_audio.yaml", {"whisper_tiny"}),
     ("long_cpu.yaml", {"whisper_tiny"}),
     # its second stage, stacked on it: the long run's model is whisper_tiny_more's init_from input
-    (("long_cpu.yaml", "long_cpu_more.yaml"), {"whisper_tiny", "whisper_tiny_more"}),
+    (("long_cpu.yaml", "long_cpu_more.yaml"), {"whisper_tiny", "whisper_tiny_more", "whisper_tiny_avg"}),
 ])
 def test_the_other_make_targets_plan_their_models(tmp_path, configfile, expected):
     configfiles = configfile if isinstance(configfile, tuple) else (configfile,)

@@ -1,0 +1,107 @@
+"""Weight averaging of asrflow models: ``training.variants.<name>.average_of: [a, b, ...]``.
+
+``average_models(paths)`` returns one ``model.pt`` whose every floating-point tensor is the mean of the
+parents' (computed in float64, stored in the parents' dtype). It is stochastic weight averaging over the
+ends of training stages (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Better
+Generalization"): a stage warm-restarted from an earlier one (``init_from``) ends in the same basin at
+another point, and the mean of such points lies nearer the basin's centre, which generalizes better
+than either end. icefall averages checkpoints the same way (``--avg``); here the parents are whole
+models, so the result is evaluated, transcribed and benchmarked like any trained variant.
+
+The parents must be the same model: same ``model_config``, same vocabulary, the same tensor names and
+shapes. Anything else is a :class:`CheckpointError` naming the path and the difference, since averaging
+unrelated weights gives a model that runs and transcribes nothing. Non-float tensors (counters,
+integer buffers) must be equal in every parent.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from asrflow.train.pretrained.checkpoints import CheckpointError, require_path
+from asrflow.train.pretrained.init_from import file_sha256
+
+REQUIRED_KEYS = {"model", "vocab", "model_config"}
+
+
+def load_parent(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    p = require_path(path, "an asrflow model.pt to average (training.variants.<name>.average_of)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{p}: cannot read as an asrflow model.pt: {e}") from None
+    if not isinstance(ckpt, dict) or not REQUIRED_KEYS <= set(ckpt):
+        raise CheckpointError(f"{p}: not an asrflow model.pt (expected the keys model, vocab, model_config)")
+    return p, ckpt
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def check_same_model(first: tuple[Path, dict], other: tuple[Path, dict]) -> None:
+    """A CheckpointError naming both paths unless ``other`` is the same model as ``first``."""
+    (p0, c0), (p, c) = first, other
+    if _canonical(c["model_config"]) != _canonical(c0["model_config"]):
+        raise CheckpointError(f"{p}: its model_config differs from {p0}'s; only one model's weights can be "
+                              f"averaged ({c['model_config']} against {c0['model_config']})")
+    if _canonical(c["vocab"]) != _canonical(c0["vocab"]):
+        raise CheckpointError(f"{p}: its vocabulary differs from {p0}'s; the output layers do not correspond")
+    s0, s = c0["model"], c["model"]
+    if set(s) != set(s0):
+        diff = sorted(set(s) ^ set(s0))
+        raise CheckpointError(f"{p}: its tensors differ from {p0}'s: {', '.join(diff[:8])}"
+                              + (" ..." if len(diff) > 8 else ""))
+    for k, v in s.items():
+        if v.shape != s0[k].shape or v.dtype != s0[k].dtype:
+            raise CheckpointError(f"{p}: {k} is {tuple(v.shape)} {v.dtype} there, {tuple(s0[k].shape)} "
+                                  f"{s0[k].dtype} in {p0}")
+        if not v.is_floating_point() and not torch.equal(v, s0[k]):
+            raise CheckpointError(f"{p}: the integer tensor {k} differs from {p0}'s and cannot be averaged")
+
+
+def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of same-shaped state dicts (float tensors; others taken from the first)."""
+    out = {}
+    for k, v0 in states[0].items():
+        if v0.is_floating_point():
+            total = torch.zeros(v0.shape, dtype=torch.float64)
+            for s in states:
+                total += s[k].to(torch.float64)
+            out[k] = (total / len(states)).to(v0.dtype)
+        else:
+            out[k] = v0.clone()
+    return out
+
+
+def average_models(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """The averaged model.pt (a dict like any asrflow model's). Its front end, vocabulary and config are
+    the parents' (identical by the checks); ``averaged_from`` records each parent's path, digest and
+    MLflow run, ``history`` the last parent's (the averaged model has no training curve of its own)."""
+    if len(paths) < 2:
+        raise CheckpointError(f"average_of needs at least two models, got {list(map(str, paths))}")
+    parents = [load_parent(p) for p in paths]
+    for other in parents[1:]:
+        check_same_model(parents[0], other)
+    last = parents[-1][1]
+    averaged = dict(last)
+    averaged["model"] = average_state_dicts([c["model"] for _, c in parents])
+    averaged["averaged_from"] = [{"path": str(p), "sha256": file_sha256(p),
+                                  "mlflow_run_id": c.get("mlflow_run_id")}
+                                 for p, c in parents]
+    averaged["mlflow_run_id"] = None  # set by the caller to the averaging step's own run
+    return averaged
+
+
+def averaged_summary(variant: str, parent_summaries: Sequence[str | Path]) -> dict[str, Any]:
+    """train_summary.json of an averaged variant: the compute it took is every parent's training (for
+    stages chained by init_from, their steps add up), and its curve is none of its own."""
+    parts = [json.loads(Path(s).read_text()) for s in parent_summaries]
+    return {"variant": variant, "averaged_from": [p.get("variant") for p in parts],
+            "global_step": sum(int(p.get("global_step", 0)) for p in parts),
+            "train_seconds": sum(float(p.get("train_seconds", 0.0)) for p in parts),
+            "parameters": parts[-1].get("parameters"), "history": [],
+            "stop_reason": "weights averaged over " + ", ".join(str(p.get("variant")) for p in parts)}
