@@ -29,7 +29,7 @@ def override_yaml(whisper: Path, w2v: Path) -> str:
     return f"""
 experiment: asrflow-small-models
 training:
-  run_variants: [full, whisper, w2v, whisper_cached, whisper_ft]
+  run_variants: [full, whisper, w2v, whisper_cached, whisper_ft, whisper_avg]
   variants:
     whisper:
       model: {{name: whisper_encoder, checkpoint: "{whisper}", freeze: all, unfreeze_after_steps: 4,
@@ -48,6 +48,8 @@ training:
       model: {{name: whisper_encoder, checkpoint: "{whisper}", freeze: none, head_lstm_layers: 0}}
       init_from: results/train/whisper_cached/model.pt
       max_steps: 4
+    whisper_avg:      # no training: the mean of the two stages' weights (rule average_models)
+      average_of: [whisper_cached, whisper_ft]
 benchmark: {{steps: 2, warmup_steps: 1, processes: [1], precisions: [fp32], batching: [dynamic],
             gradient_checkpointing: false, prep_workers: []}}
 """
@@ -168,6 +170,27 @@ def test_init_from_another_variant_trains_after_it_in_the_same_dag(models_run):
     parent = work / "results/train/whisper_cached/model.pt"
     child = work / "results/train/whisper_ft/model.pt"
     assert parent.stat().st_mtime < child.stat().st_mtime
+
+
+def test_an_averaged_variant_is_its_parents_mean_and_is_evaluated_like_a_trained_one(models_run):
+    work = models_run["work"]
+    load = lambda v: torch.load(work / "results/train" / v / "model.pt", map_location="cpu", weights_only=False)
+    avg, first, second = load("whisper_avg"), load("whisper_cached"), load("whisper_ft")
+    assert avg["model_config"] == second["model_config"] and avg["vocab"] == second["vocab"]
+    for k, v in avg["model"].items():
+        if v.is_floating_point():
+            mean = (first["model"][k].double() + second["model"][k].double()).div(2).to(v.dtype)
+            torch.testing.assert_close(v, mean, rtol=0, atol=1e-6)
+    assert [Path(p["path"]).parent.name for p in avg["averaged_from"]] == ["whisper_cached", "whisper_ft"]
+    assert avg["mlflow_run_id"] and avg["mlflow_run_id"] not in (first["mlflow_run_id"], second["mlflow_run_id"])
+    assert not (work / "logs/train/whisper_avg.ranks").exists()  # no Horovod run: nothing was trained
+    summary = json.loads((work / "results/train/whisper_avg/train_summary.json").read_text())
+    parents = [json.loads((work / "results/train" / v / "train_summary.json").read_text())
+               for v in ("whisper_cached", "whisper_ft")]
+    assert summary["global_step"] == sum(p["global_step"] for p in parents)
+    metrics = json.loads((work / "results/eval/whisper_avg/metrics.json").read_text())
+    assert math.isfinite(metrics["headline"]["greedy_cer_clean"])
+    assert "| whisper_avg |" in (work / "results/report/ablations.md").read_text()
 
 
 def test_the_default_recipe_trained_its_phone_head_on_the_lexicon_of_train_and_dev_words_only(models_run):

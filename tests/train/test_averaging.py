@@ -50,6 +50,13 @@ def test_a_model_averaged_with_itself_is_bitwise_unchanged(tmp_path):
         assert torch.equal(averaged["model"][k], v), k
 
 
+def test_stages_that_differ_only_in_training_settings_average(tmp_path):
+    write_model(tmp_path / "a.pt", 1, config={**CONFIG, "gradient_checkpointing": False, "dropout": 0.0})
+    write_model(tmp_path / "b.pt", 2, config={**CONFIG, "gradient_checkpointing": True, "dropout": 0.1})
+    averaged = average_models([tmp_path / "a.pt", tmp_path / "b.pt"])
+    assert averaged["model_config"]["dropout"] == 0.1  # the last stage's, as exported
+
+
 def test_parents_that_are_not_one_model_stop_with_the_path_and_the_difference(tmp_path):
     write_model(tmp_path / "a.pt", 1)
     write_model(tmp_path / "vocab.pt", 2, vocab=CharVocab(["<blank>", *"abcde "]))

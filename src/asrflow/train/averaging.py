@@ -25,6 +25,12 @@ from asrflow.train.pretrained.checkpoints import CheckpointError, require_path
 from asrflow.train.pretrained.init_from import file_sha256
 
 REQUIRED_KEYS = {"model", "vocab", "model_config"}
+# model_config keys that only steer training (what is frozen when, learning rates, regularization):
+# stages of one model differ in them, and the averaged model computes the same function either way
+TRAINING_ONLY_KEYS = frozenset({"freeze", "unfreeze_after_steps", "unfreeze_warmup_steps", "frozen_after_unfreeze",
+                                "pretrained_lr_scale", "gradient_checkpointing", "dropout", "encoder_dropout",
+                                "attention_dropout", "freeze_feature_encoder", "mask_time_prob", "mask_time_length",
+                                "mask_feature_prob", "mask_feature_length"})
 
 
 def load_parent(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -42,12 +48,19 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def architecture(model_config: dict[str, Any]) -> dict[str, Any]:
+    """What of a model_config defines the function the weights compute."""
+    return {k: v for k, v in model_config.items() if k not in TRAINING_ONLY_KEYS}
+
+
 def check_same_model(first: tuple[Path, dict], other: tuple[Path, dict]) -> None:
     """A CheckpointError naming both paths unless ``other`` is the same model as ``first``."""
     (p0, c0), (p, c) = first, other
-    if _canonical(c["model_config"]) != _canonical(c0["model_config"]):
+    a0, a = architecture(c0["model_config"]), architecture(c["model_config"])
+    if _canonical(a) != _canonical(a0):
+        diff = {k: (a.get(k), a0.get(k)) for k in sorted(set(a) | set(a0)) if a.get(k) != a0.get(k)}
         raise CheckpointError(f"{p}: its model_config differs from {p0}'s; only one model's weights can be "
-                              f"averaged ({c['model_config']} against {c0['model_config']})")
+                              f"averaged (key: (this, that): {diff})")
     if _canonical(c["vocab"]) != _canonical(c0["vocab"]):
         raise CheckpointError(f"{p}: its vocabulary differs from {p0}'s; the output layers do not correspond")
     s0, s = c0["model"], c["model"]
