@@ -59,7 +59,7 @@ rule data_path_benchmark:
         vocab="results/prep/vocab.json",
         cmvn="results/prep/cmvn.json",
         noise="results/noise/manifest.jsonl",
-        phones=lambda wc: phone_lexicon_input(config["training"]["run_variants"][0]),
+        phones=lambda wc: phone_lexicon_input(first_trained_variant()),
     output:
         json="results/benchmark/data_path.json",
         md=report("results/benchmark/data_path.md", category="Benchmark", labels={"table": "data path"}),
@@ -68,7 +68,7 @@ rule data_path_benchmark:
     benchmark:
         "benchmarks/benchmark/data_path.tsv"
     params:
-        train=lambda wc: variant_params(config["training"]["run_variants"][0]),
+        train=lambda wc: variant_params(first_trained_variant()),
         settings=config.get("benchmark", {}).get("data_path", {}),
     threads: 2
     resources:

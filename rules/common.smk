@@ -102,9 +102,19 @@ def hosts_file_env():
     return f"ASRFLOW_HOSTS_FILE={shlex.quote(os.path.abspath(hosts_file))}" if hosts_file else ""
 
 
+def is_averaged(variant):
+    return bool((config["training"]["variants"].get(variant) or {}).get("average_of"))
+
+
+def first_trained_variant():
+    """The first of run_variants that is trained (an averaged one has no recipe to time: then its first parent)."""
+    run = config["training"]["run_variants"]
+    return next((v for v in run if not is_averaged(v)), None) or averaged_parents(run[0])[0]
+
+
 def benchmark_variant():
     """The variant whose recipe the benchmark measures: `benchmark.variant`, default the first trained one."""
-    return config.get("benchmark", {}).get("variant") or config["training"]["run_variants"][0]
+    return config.get("benchmark", {}).get("variant") or first_trained_variant()
 
 
 def benchmark_models():
@@ -112,7 +122,7 @@ def benchmark_models():
     variant. Only the recipes are read (a fresh model per row), so the rule needs no trained model."""
     # an averaged variant has no recipe of its own to time: its parents' rows are its cost
     variants = config.get("benchmark", {}).get("models") or [
-        v for v in config["training"]["run_variants"] if not config["training"]["variants"][v].get("average_of")]
+        v for v in config["training"]["run_variants"] if not is_averaged(v)]
     return [{"label": v, "params": variant_train_params(v),
              "encoder_cache": next((os.path.dirname(p) for p in encoder_cache_index(v)), None)} for v in variants]
 
@@ -141,7 +151,7 @@ def averaged_parents(variant):
 def _variants_pattern(averaged):
     """A wildcard regex matching exactly the trained (or the averaged) variants' names, so each
     results/train/<variant>/model.pt has one producing rule; matches nothing when there are none."""
-    names = [v for v, p in config["training"]["variants"].items() if bool((p or {}).get("average_of")) == averaged]
+    names = [v for v in config["training"]["variants"] if is_averaged(v) == averaged]
     return "|".join(re.escape(v) for v in sorted(names, key=len, reverse=True)) or "(?!)"
 
 

@@ -45,3 +45,14 @@ def test_make_run_trains_the_whisper_default_alone(tmp_path):
 def test_the_other_make_targets_plan_their_models(tmp_path, configfile, expected):
     configfiles = configfile if isinstance(configfile, tuple) else (configfile,)
     assert planned_models(tmp_path, *configfiles) == expected
+
+
+def test_an_averaged_variant_plans_its_parents_and_an_unknown_parent_stops_the_dag(tmp_path):
+    override = tmp_path / "avg.yaml"
+    # the averaged variant alone in run_variants: its parents are trained for it
+    override.write_text("training:\n  run_variants: [both]\n  variants:\n    both: {average_of: [whisper_tiny, full]}\n")
+    assert planned_models(tmp_path / "work", str(override)) == {"both", "whisper_tiny", "full"}
+    override.write_text("training:\n  run_variants: [both]\n  variants:\n    both: {average_of: [whisper_tiny, nope]}\n")
+    proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"), "--cores", "2",
+                           "-n", "--configfile", str(override)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "average_of names ['nope']" in proc.stdout + proc.stderr
