@@ -6,9 +6,10 @@ ends of training stages (Izmailov et al. 2018, "Averaging Weights Leads to Wider
 Generalization"): a stage warm-restarted from an earlier one (``init_from``) ends in the same basin at
 another point, and the mean of such points lies nearer the basin's centre, which generalizes better
 than either end. icefall averages checkpoints the same way (``--avg``); here the parents are whole
-models, so the result is evaluated, transcribed and benchmarked like any trained variant.
+models, so the result is evaluated, transcribed and reported like any trained variant.
 
-The parents must be the same model: same ``model_config``, same vocabulary, the same tensor names and
+The parents must be the same model: the same architecture in ``model_config`` (keys that only steer
+training aside), the same vocabulary, the same tensor names and
 shapes. Anything else is a :class:`CheckpointError` naming the path and the difference, since averaging
 unrelated weights gives a model that runs and transcribes nothing. Non-float tensors (counters,
 integer buffers) must be equal in every parent.
