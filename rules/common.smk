@@ -26,6 +26,15 @@ def data_prep_outputs():
     ]
 
 
+def embedded_corpus_preset(corpus):
+    """The embedded generator's preset: its name, or a dict of overrides on top of it where the config asks
+    for more utterances than the preset plans (corpus.extra_train, corpus.held_out_dev)."""
+    name = corpus.get("preset", "default")
+    overrides = {key: corpus[option] for option, key in (("extra_train", "n_train_extra"), ("held_out_dev", "n_dev_held_out"))
+                 if corpus.get(option)}
+    return {"base": name, **overrides} if overrides else name
+
+
 def evaluations():
     return expand("results/eval/{variant}/metrics.json", variant=config["training"]["run_variants"])
 
@@ -140,11 +149,15 @@ def phone_lexicon_input(variant):
 def averaged_parents(variant):
     """The variants whose weights an `average_of` variant averages (each must be defined, and not itself
     the variant)."""
-    parents = config["training"]["variants"][variant].get("average_of") or []
+    recipe = config["training"]["variants"][variant]
+    parents = recipe.get("average_of") or []
     unknown = [p for p in parents if p not in config["training"]["variants"] or p == variant]
     if unknown:
         raise ValueError(f"training.variants.{variant}.average_of names {unknown}: not other variants under "
                          "training.variants")
+    if len(parents) < 2 and not recipe.get("pretrained_share"):
+        raise ValueError(f"training.variants.{variant}.average_of names one variant ({parents[0]}): a mean needs two "
+                         "at least (one is enough with pretrained_share)")
     return parents
 
 

@@ -11,13 +11,9 @@ if config["corpus"]["source"] == "embedded":
         benchmark:
             "benchmarks/corpus/make_embedded_corpus.tsv"
         params:
-            # a preset name, or overrides on top of it when corpus.extra_train asks for more training utterances
-            # (a plain name otherwise, so existing corpora are not planned again)
-            preset=(
-                {"base": config["corpus"].get("preset", "default"), "n_train_extra": config["corpus"]["extra_train"]}
-                if config["corpus"].get("extra_train")
-                else config["corpus"].get("preset", "default")
-            ),
+            # a preset name, or overrides on top of it when corpus.extra_train or corpus.held_out_dev asks for
+            # more utterances (a plain name otherwise, so existing corpora are not planned again)
+            preset=embedded_corpus_preset(config["corpus"]),
             defects=config["corpus"].get("defects", False),
             seed=config["seed"],
         threads: 2

@@ -176,6 +176,34 @@ def test_extra_training_utterances_leave_everything_planned_unchanged():
     assert 0.05 < sum(s.telephone for s in extra) / len(extra) < 0.25
 
 
+def test_held_out_dev_utterances_leave_train_and_test_unchanged():
+    pool = load_sentences()
+    base = synth.plan_corpus(synth.resolve_preset({"n_train_extra": 50}), SEED, pool)
+    more = synth.plan_corpus(synth.resolve_preset({"n_train_extra": 50, "n_dev_held_out": 30}), SEED, pool)
+    key = lambda s: (s.id, s.split, s.speaker, s.sentences, s.long, s.telephone, s.gain_db, s.defect)  # noqa: E731
+    assert [key(s) for s in more[:len(base)]] == [key(s) for s in base]
+    added = more[len(base):]
+    assert len(added) == 30 and {s.split for s in added} == {"dev"}
+    # the held-out family, by speakers that neither test nor any other split has
+    assert all(s.speaker.held_out_family and s.speaker.voice == "ked_diphone" for s in added)
+    test_speakers = {s.speaker.id for s in base if s.split == "test"}
+    assert not {s.speaker.id for s in added} & test_speakers
+    assert len({s.speaker.id for s in added}) == synth.resolve_preset("default")["held_out_dev_speakers"]
+    # dev's own sentences, each once: no sentence of train or test enters dev
+    dev_sentences = {t for s in base if s.split == "dev" for t in s.sentences}
+    added_sentences = [t for s in added for t in s.sentences]
+    assert set(added_sentences) <= dev_sentences and len(set(added_sentences)) == 30
+    assert len({s.id for s in more}) == len(more)
+
+
+def test_held_out_dev_needs_a_held_out_family_and_enough_dev_sentences():
+    pool = load_sentences()
+    with pytest.raises(synth.CorpusError, match="held-out voice family"):
+        synth.plan_corpus(synth.resolve_preset({"n_dev_held_out": 5, "held_out_voices": []}), SEED, pool)
+    with pytest.raises(synth.CorpusError, match="dev has only"):
+        synth.plan_corpus(synth.resolve_preset({"base": "small", "n_dev_held_out": 500}), SEED, pool)
+
+
 def test_default_plan_shapes_the_data_as_specified():
     cfg = synth.resolve_preset("default")
     slots = synth.plan_corpus(cfg, SEED, load_sentences())

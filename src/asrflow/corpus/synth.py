@@ -13,7 +13,9 @@ The corpus is built to exercise the workflow, not to be pleasant:
 * a random gain per utterance (``gain_db``), a few utterances longer than 15 s (several sentences spoken
   as one, transcript = the sentences joined), source rates of 22050 Hz (espeak-ng), 16000 Hz (flite,
   festival) and a share band-limited and resampled to 8000 Hz like a telephone (``telephone: true``);
-* optionally a few deliberately broken files (``defect``) for the quarantine step.
+* optionally a few deliberately broken files (``defect``) for the quarantine step;
+* optionally (``n_dev_held_out``) a share of dev spoken by other speakers of the held-out voice family:
+  dev sentences, re-spoken, so that dev measures what test's held-out voice measures.
 
 Determinism: every random choice is drawn in the parent process from ``numpy.random.default_rng(seed)``
 before any audio is made; the engines and sox (run with ``-D``, no dither) are deterministic, and
@@ -118,6 +120,11 @@ _SMALL = {
     # more training utterances, planned after everything else from a generator of their own, so dev, test
     # and the first n_train utterances stay byte-identical (corpus.extra_train in the config)
     "n_train_extra": 0,
+    # dev utterances of the held-out voice families (corpus.held_out_dev), planned last from a generator of
+    # their own: dev sentences re-spoken by held-out speakers that test does not have, so that what is
+    # chosen on dev can be chosen for voices training never had (test and train stay byte-identical)
+    "n_dev_held_out": 0,
+    "held_out_dev_speakers": 3,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -347,6 +354,36 @@ def _extra_train_slots(cfg: dict[str, Any], seed: int, speakers: list[Speaker], 
     return extra
 
 
+def _held_out_dev_slots(cfg: dict[str, Any], seed: int, test_speakers: list[Speaker],
+                        planned: list[Slot]) -> list[Slot]:
+    """``n_dev_held_out`` dev slots spoken by speakers of the held-out voice families that test does not have.
+
+    Why: dev otherwise has no voice that training lacks, so nothing chosen on dev (a blank penalty, a
+    weight-space mix) can be chosen for the one shift the test set measures. They draw from a generator
+    of their own (seeded by ``[seed, 2]``) after everything else, so train and test stay byte-identical;
+    their sentences are dev's own (no split gains or loses a sentence, the LM's exclusions are unchanged).
+    """
+    n = int(cfg["n_dev_held_out"])
+    if not cfg["held_out_voices"]:
+        raise CorpusError("n_dev_held_out needs a held-out voice family (held_out_voices is empty)")
+    rng = np.random.default_rng([seed, 2])
+    in_test = {s.id for s in test_speakers}
+    grid = [s for name in cfg["held_out_voices"]
+            for s in _family_grid(_family(*name.split(":", 1)), held_out=True) if s.id not in in_test]
+    speakers = _draw(rng, grid, {"dev": int(cfg["held_out_dev_speakers"])}, "held-out dev speakers")["dev"]
+    dev_sentences = sorted({t for slot in planned if slot.split == "dev" and not slot.long for t in slot.sentences})
+    if n > len(dev_sentences):
+        raise CorpusError(f"n_dev_held_out: {n} asked for, but dev has only {len(dev_sentences)} sentences")
+    lo, hi = cfg["gain_db"]
+    slots = []
+    for i in rng.choice(len(dev_sentences), size=n, replace=False):
+        slot = Slot(split="dev", speaker=_pick(rng, speakers, "held-out dev"), sentences=[dev_sentences[int(i)]])
+        slot.gain_db = round(float(rng.uniform(lo, hi)), 1)
+        slots.append(slot)
+    _flag_random(rng, slots, round(n * cfg["telephone_fraction"]), "telephone")
+    return slots
+
+
 def plan_corpus(cfg: dict[str, Any], seed: int, pool: list[str]) -> list[Slot]:
     """Every random decision of the corpus, in a fixed order, from one seeded generator."""
     rng = np.random.default_rng(seed)
@@ -368,6 +405,8 @@ def plan_corpus(cfg: dict[str, Any], seed: int, pool: list[str]) -> list[Slot]:
     _assign_sentences(cfg, slots, pool, rng)
     if int(cfg["n_train_extra"]) > 0:
         slots.extend(_extra_train_slots(cfg, seed, speakers["train"], slots, pool))
+    if int(cfg["n_dev_held_out"]) > 0:
+        slots.extend(_held_out_dev_slots(cfg, seed, speakers["test"], slots))
     counter: Counter[str] = Counter()
     for slot in slots:  # ids grouped by speaker, like Kaldi's <speaker>-<n>
         counter[slot.speaker.id] += 1
