@@ -20,6 +20,8 @@ def column(metrics: dict) -> dict[str, str]:
     chosen = [g for g in tuning.get("grid", []) if g["blank_penalty"] == tuning.get("blank_penalty")]
     col = {"dev CER (greedy, blank penalty chosen on dev)": f"{100 * chosen[0]['cer']:.2f}%" if chosen else "–",
            "blank penalty (dev)": str(tuning.get("blank_penalty", "–"))}
+    for group, cer in (tuning.get("by_group") or {}).items():  # e.g. the held-out voice of corpus.held_out_dev
+        col[f"dev CER, {group}"] = f"{100 * cer:.2f}%"
     for decoder in ("greedy", "lm"):
         conditions = by_condition.get(decoder, {})
         # clean first, then the SNRs from the highest down

@@ -16,7 +16,8 @@ def write_metrics(results: Path, variant: str, cer: float) -> None:
                          "lm": {"clean": cond(cer / 2)}},
         "per_speaker_group": {"greedy": {"espeak": cond(cer)}, "lm": {"espeak": cond(cer / 2)}},
         "greedy_tuning": {"blank_penalty": 0.5, "grid": [{"blank_penalty": 0.0, "cer": 0.2},
-                                                         {"blank_penalty": 0.5, "cer": 0.1234}]}}))
+                                                         {"blank_penalty": 0.5, "cer": 0.1234}],
+                         "by_group": {"espeak": 0.1, "festival (held-out voice)": 0.2}}}))
 
 
 def test_one_column_per_variant_clean_first_then_snr_from_the_highest(tmp_path):
@@ -31,3 +32,4 @@ def test_one_column_per_variant_clean_first_then_snr_from_the_highest(tmp_path):
     assert greedy == ["| greedy CER / WER, clean", "| greedy CER / WER, 20 dB", "| greedy CER / WER, 5 dB"]
     assert "| greedy CER / WER, clean | 10.0% / 30.0% | 4.0% / 12.0% |" in lines
     assert "| lm CER, clean, espeak | 5.0% | 2.0% |" in lines
+    assert "| dev CER, festival (held-out voice) | 20.00% | 20.00% |" in lines  # corpus.held_out_dev

@@ -86,6 +86,12 @@ def test_the_evaluation_picks_the_blank_penalty_with_the_lowest_dev_cer():
     assert got["blank_penalty"] == 0.5  # 0.5, 1.0 and 3.0 tie at CER 0: the smallest wins
     assert got["dev_utterances"] == 2
     assert tune_blank_penalty(model, {}, {}, [0.0, 1.0])["blank_penalty"] == 0.0
+    # each speaker group's CER at the chosen penalty (e.g. the held-out voice's share of dev)
+    em["c"] = emissions(spell("CA") + [{BLANK: 0.9, "T": 0.1}, BLANK])  # beyond what 0.5 fixes
+    got = tune_blank_penalty(model, em, {"a": "CAT", "b": "DOG", "c": "CAT"}, [0.0, 0.5],
+                             {"a": "espeak", "b": "espeak", "c": "festival (held-out voice)"})
+    assert got["blank_penalty"] == 0.5 and got["cer"] == pytest.approx(1 / 9)
+    assert got["by_group"] == {"espeak": 0.0, "festival (held-out voice)": pytest.approx(1 / 3)}
 
 
 def test_greedy_batch_respects_lengths_and_accepts_numpy():

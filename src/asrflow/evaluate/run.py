@@ -105,17 +105,33 @@ def greedy(model: Recognizer, em: dict[str, torch.Tensor], blank_penalty: float 
 
 
 def tune_blank_penalty(model: Recognizer, em: dict[str, torch.Tensor], refs: dict[str, str],
-                       penalties: Sequence[float]) -> dict[str, Any]:
-    """The greedy blank penalty with the lowest CER on ``refs`` (dev), the smallest one on a tie."""
+                       penalties: Sequence[float], groups: dict[str, str] | None = None) -> dict[str, Any]:
+    """The greedy blank penalty with the lowest CER on ``refs`` (dev), the smallest one on a tie; with
+    ``groups`` (id -> speaker group), also the CER of each group at that penalty (``by_group``)."""
     if not refs:  # no dev set: nothing to choose on
-        return {"blank_penalty": 0.0, "dev_utterances": 0, "grid": []}
-    grid = []
+        return {"blank_penalty": 0.0, "dev_utterances": 0, "grid": [], "cer": None, "by_group": {}}
+    grid, hyps_of = [], {}
     for penalty in sorted({float(p) for p in penalties}, key=abs):
-        hyps = greedy(model, em, penalty)
+        hyps_of[penalty] = hyps = greedy(model, em, penalty)
         stats = score_corpus([refs[u] for u in sorted(refs)], [hyps[u] for u in sorted(refs)])
         grid.append({"blank_penalty": penalty, "cer": stats.cer, "wer": stats.wer})
     best = min(grid, key=lambda row: row["cer"])  # min keeps the first, smallest |penalty|, of equal CERs
-    return {"blank_penalty": best["blank_penalty"], "dev_utterances": len(refs), "grid": grid}
+    by_group = {}
+    for group in sorted(set((groups or {}).values())):
+        ids = sorted(u for u in refs if groups.get(u) == group)
+        by_group[group] = score_corpus([refs[u] for u in ids], [hyps_of[best["blank_penalty"]][u] for u in ids]).cer
+    return {"blank_penalty": best["blank_penalty"], "dev_utterances": len(refs), "grid": grid, "cer": best["cer"],
+            "by_group": by_group}
+
+
+def dev_greedy_tuning(model_path: Path, manifest: Path, penalties: Sequence[float], frontend: Frontend | None = None,
+                      batch_size: int = 16) -> dict[str, Any]:
+    """``tune_blank_penalty`` of the model at ``model_path`` on all of the manifest's dev split: the dev CER
+    that evaluation reports first, with each speaker group's (e.g. a held-out voice's, corpus.held_out_dev)."""
+    model = load_model(model_path, frontend_defaults=frontend)
+    dev = sorted((u for u in read_manifest(manifest) if u.split == "dev"), key=lambda u: u.id)
+    em = compute_emissions(model, load_waves(dev, model.frontend), batch_size) if dev else {}
+    return tune_blank_penalty(model, em, {u.id: u.text for u in dev}, penalties, {u.id: speaker_group(u) for u in dev})
 
 
 def lm_decoder(model: Recognizer, lm_path: Path, s: EvalSettings):
@@ -176,7 +192,8 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
 
     # everything the decoders choose is chosen on dev: the blank penalty on all of it, the LM on a subset
     dev_em = compute_emissions(model, load_waves(dev, model.frontend), s.batch_size) if dev else {}
-    greedy_tuning = tune_blank_penalty(model, dev_em, {u.id: u.text for u in dev}, s.blank_penalties)
+    greedy_tuning = tune_blank_penalty(model, dev_em, {u.id: u.text for u in dev}, s.blank_penalties,
+                                       {u.id: speaker_group(u) for u in dev})
     blank_penalty = greedy_tuning["blank_penalty"]
     base = lm_decoder(model, lm_path, s) if lm_path else None
     tuning = tune_on_dev(model, dev, base, s, dev_em or None) if base is not None else None
