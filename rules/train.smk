@@ -111,13 +111,16 @@ rule train:
 
 rule average_models:
     """A variant with `average_of: [a, b, ...]`: the mean of those variants' weights (weight averaging
-    over the ends of training stages; asrflow.train.averaging). No training: its model is evaluated,
-    transcribed and reported like a trained one."""
+    over the ends of training stages; asrflow.train.averaging), with `pretrained_share: [..]` mixed back
+    towards the pretrained encoder by the share with the lowest dev CER (WiSE-FT). No training: its model
+    is evaluated, transcribed and reported like a trained one."""
     wildcard_constraints:
         variant=averaged_variants_pattern(),
     input:
         models=lambda wc: [f"results/train/{v}/model.pt" for v in averaged_parents(wc.variant)],
         summaries=lambda wc: [f"results/train/{v}/train_summary.json" for v in averaged_parents(wc.variant)],
+        # the dev set the pretrained share is chosen on (only with pretrained_share)
+        manifest=lambda wc: ["results/prep/truncated.jsonl"] if variant_params(wc.variant).get("pretrained_share") else [],
     output:
         model="results/train/{variant}/model.pt",
         summary="results/train/{variant}/train_summary.json",
@@ -125,10 +128,16 @@ rule average_models:
         "logs/train/{variant}.log",
     benchmark:
         "benchmarks/train/{variant}.tsv"
-    threads: 1
+    params:
+        pretrained_share=lambda wc: variant_params(wc.variant).get("pretrained_share") or [],
+        blank_penalties=config["evaluation"].get("blank_penalties", [0.0]),
+        sample_rate=config["prep"]["sample_rate"],
+        target_rms_dbfs=config["prep"]["target_rms_dbfs"],
+        peak_ceiling_dbfs=config["prep"]["peak_ceiling_dbfs"],
+    threads: 2
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=3000,
+        runtime=30,
     conda:
         "../envs/training.yaml"
     script:

@@ -40,7 +40,11 @@ def test_make_run_trains_the_whisper_default_alone(tmp_path):
     ("more_audio.yaml", {"whisper_tiny"}),
     ("long_cpu.yaml", {"whisper_tiny"}),
     # its second stage, stacked on it: the long run's model is whisper_tiny_more's init_from input
-    (("long_cpu.yaml", "long_cpu_more.yaml"), {"whisper_tiny", "whisper_tiny_more", "whisper_tiny_avg"}),
+    (("long_cpu.yaml", "long_cpu_more.yaml"), {"whisper_tiny", "whisper_tiny_more", "whisper_tiny_avg", "whisper_tiny_wise"}),
+    # and the second branch of its second stage, for the soup of the three
+    (("long_cpu.yaml", "long_cpu_more.yaml", "long_cpu_soup.yaml"),
+     {"whisper_tiny", "whisper_tiny_more", "whisper_tiny_avg", "whisper_tiny_wise", "whisper_tiny_more_b",
+      "whisper_tiny_soup_wise"}),
 ])
 def test_the_other_make_targets_plan_their_models(tmp_path, configfile, expected):
     configfiles = configfile if isinstance(configfile, tuple) else (configfile,)
@@ -56,3 +60,17 @@ def test_an_averaged_variant_plans_its_parents_and_an_unknown_parent_stops_the_d
     proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"), "--cores", "2",
                            "-n", "--configfile", str(override)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "average_of names ['nope']" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("one: {average_of: [whisper_tiny]}", "a mean needs two at least"),
+    # a share mixes an averaged model only: on a trained variant it would be silently ignored
+    ("one: {pretrained_share: [0.0, 0.2]}", "average_of"),
+])
+def test_a_lone_parent_or_a_share_without_average_of_stops_the_dag(tmp_path, variant, message):
+    override = tmp_path / "bad.yaml"
+    override.write_text(f"training:\n  run_variants: [one]\n  variants:\n    {variant}\n")
+    proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"), "--cores", "2",
+                           "-n", "--configfile", str(override)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
+    assert not (tmp_path / "work" / "results").exists()

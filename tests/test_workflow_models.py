@@ -28,8 +28,9 @@ def override_yaml(whisper: Path, w2v: Path) -> str:
     # schedule the real transfer recipe uses.
     return f"""
 experiment: asrflow-small-models
+corpus: {{held_out_dev: 3}}   # dev also has the held-out voice, which whisper_wise's share is chosen on
 training:
-  run_variants: [full, whisper, w2v, whisper_cached, whisper_ft, whisper_avg]
+  run_variants: [full, whisper, w2v, whisper_cached, whisper_ft, whisper_avg, whisper_wise]
   variants:
     whisper:
       model: {{name: whisper_encoder, checkpoint: "{whisper}", freeze: all, unfreeze_after_steps: 4,
@@ -50,6 +51,9 @@ training:
       max_steps: 4
     whisper_avg:      # no training: the mean of the two stages' weights (rule average_models)
       average_of: [whisper_cached, whisper_ft]
+    whisper_wise:     # no training: whisper_ft mixed back towards its checkpoint by the share best on dev (WiSE-FT)
+      average_of: [whisper_ft]
+      pretrained_share: [0.0, 0.5, 1.0]
 benchmark: {{steps: 2, warmup_steps: 1, processes: [1], precisions: [fp32], batching: [dynamic],
             gradient_checkpointing: false, prep_workers: []}}
 """
@@ -191,6 +195,38 @@ def test_an_averaged_variant_is_its_parents_mean_and_is_evaluated_like_a_trained
     metrics = json.loads((work / "results/eval/whisper_avg/metrics.json").read_text())
     assert math.isfinite(metrics["headline"]["greedy_cer_clean"])
     assert "| whisper_avg |" in (work / "results/report/ablations.md").read_text()
+
+
+def test_a_pretrained_share_is_chosen_on_a_dev_set_with_the_held_out_voice(models_run):
+    """whisper_wise: its encoder is (1 - s) whisper_ft + s the checkpoint's, s the share with the lowest dev
+    CER, on a dev set that has the held-out voice family (corpus.held_out_dev); its head is whisper_ft's."""
+    from asrflow.train.averaging import pretrained_part
+
+    work = models_run["work"]
+    dev = [u for u in read_manifest(work / "results/prep/truncated.jsonl") if u.split == "dev"]
+    assert sum(bool(u.extra.get("held_out_family")) for u in dev) == 3
+    load = lambda v: torch.load(work / "results/train" / v / "model.pt", map_location="cpu", weights_only=False)
+    wise, ft = load("whisper_wise"), load("whisper_ft")
+    record = wise["pretrained_share"]
+    grid = record["grid"]
+    assert [row["share"] for row in grid] == [0.0, 0.5, 1.0]
+    assert all(math.isfinite(row["cer"]) and "festival (held-out voice)" in row["by_group"] for row in grid)
+    best = min(grid, key=lambda row: row["cer"])
+    assert record["chosen"] == best["share"]
+    share = record["chosen"]
+    # the checkpoint the fixture moved away after the run: read again for the pretrained weights
+    moved = dict(ft, model_config={**ft["model_config"], "checkpoint": str(work.parent / "checkpoints.moved/whisper")})
+    pretrained = pretrained_part(moved)
+    assert pretrained and all(k.startswith("encoder.") for k in pretrained)
+    for k, v in wise["model"].items():
+        expected = ((1 - share) * ft["model"][k].double() + share * pretrained[k].double()).to(v.dtype) \
+            if k in pretrained else ft["model"][k]
+        torch.testing.assert_close(v, expected, rtol=0, atol=1e-6)
+    summary = json.loads((work / "results/train/whisper_wise/train_summary.json").read_text())
+    assert summary["pretrained_share"]["chosen"] == share
+    metrics = json.loads((work / "results/eval/whisper_wise/metrics.json").read_text())
+    # evaluation reports dev by speaker group too, at the blank penalty it chose there
+    assert set(metrics["greedy_tuning"]["by_group"]) >= {"espeak", "festival (held-out voice)"}
 
 
 def test_the_default_recipe_trained_its_phone_head_on_the_lexicon_of_train_and_dev_words_only(models_run):

@@ -81,3 +81,111 @@ def test_the_summary_counts_every_parents_training(tmp_path):
     s = averaged_summary("avg", [tmp_path / "s1.json", tmp_path / "s2.json"])
     assert s["global_step"] == 6500 and s["train_seconds"] == pytest.approx(6856.4)
     assert s["history"] == [] and s["averaged_from"] == ["s1", "s2"]
+
+
+# ------------------------------------------------------------------------ pretrained_share (WiSE-FT)
+
+
+def write_finetuned_whisper(tmp_path, seed=7):
+    """(model.pt path, the pretrained encoder's state) of a tiny whisper_encoder 'fine-tuned' from a tiny
+    CTranslate2 checkpoint: every tensor moved away from the checkpoint's, as training would."""
+    from tests.pretrained_checkpoints import write_tiny_ct2_whisper
+    from asrflow.train.pretrained import build_pretrained_model, exportable_model_config
+
+    folder, _ = write_tiny_ct2_whisper(tmp_path / "ct2", seed=3)
+    config = {"name": "whisper_encoder", "checkpoint": str(folder), "freeze": "none", "head_lstm_layers": 0}
+    model = build_pretrained_model(config, len(VOCAB))
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    path = tmp_path / "ft.pt"
+    torch.save({"model": model.state_dict(), "model_config": exportable_model_config(model, config), "n_mels": 80,
+                "vocab": VOCAB.to_dict(), "sample_rate": 16000, "mlflow_run_id": "ft"}, path)
+    return path, pretrained
+
+
+def test_a_pretrained_share_moves_only_the_encoder_back_towards_its_checkpoint(tmp_path):
+    from asrflow.train.averaging import mix_with_pretrained, pretrained_part
+
+    path, pretrained = write_finetuned_whisper(tmp_path)
+    ckpt = average_models([path], min_parents=1)
+    part = pretrained_part(ckpt)
+    assert part and set(part) < set(ckpt["model"])  # the head has no pretrained counterpart
+    for k, v in part.items():  # read again from the checkpoint the model_config names
+        torch.testing.assert_close(v, pretrained[k], rtol=0, atol=0)
+    unchanged, back, quarter = (mix_with_pretrained(ckpt, part, s)["model"] for s in (0.0, 1.0, 0.25))
+    for k, v in ckpt["model"].items():
+        assert torch.equal(unchanged[k], v), k
+        if k in part:
+            torch.testing.assert_close(back[k], pretrained[k], rtol=0, atol=1e-7)
+            torch.testing.assert_close(quarter[k], (0.75 * v.double() + 0.25 * pretrained[k].double()).to(v.dtype),
+                                       rtol=0, atol=1e-7)
+        else:  # CTC head (and buffers): the fine-tuned model's own
+            assert torch.equal(back[k], v) and torch.equal(quarter[k], v), k
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mix_with_pretrained(ckpt, part, 1.5)
+
+
+def test_the_share_with_the_lowest_dev_score_is_chosen_and_recorded(tmp_path):
+    from asrflow.train.averaging import choose_pretrained_share, pretrained_part
+
+    path, _ = write_finetuned_whisper(tmp_path)
+    ckpt = average_models([path], min_parents=1)
+    first_encoder_tensor = next(iter(pretrained_part(ckpt)))
+    seen = []
+
+    def score(candidate):  # stands in for the dev CER: lowest at the third share scored (0.5)
+        share = len(seen) / 4
+        seen.append(candidate["model"][first_encoder_tensor])
+        return {"cer": abs(share - 0.5), "blank_penalty": 0.0}
+
+    model, grid = choose_pretrained_share(ckpt, [0.75, 0.0, 0.5, 0.25], score)
+    assert [row["share"] for row in grid] == [0.0, 0.25, 0.5, 0.75]  # each share scored once, in order
+    assert model["pretrained_share"]["chosen"] == 0.5 and model["pretrained_share"]["grid"] == grid
+    torch.testing.assert_close(model["model"][first_encoder_tensor], seen[2], rtol=0, atol=0)
+    # a tie keeps the smallest share (the least change to the fine-tuned model)
+    model, _ = choose_pretrained_share(ckpt, [0.5, 0.25], lambda c: {"cer": 0.1})
+    assert model["pretrained_share"]["chosen"] == 0.25
+    with pytest.raises(ValueError, match="empty"):
+        choose_pretrained_share(ckpt, [], score)
+    # no dev set: nothing to choose by, said as such (tune_blank_penalty's cer is None there)
+    with pytest.raises(ValueError, match="dev split"):
+        choose_pretrained_share(ckpt, [0.0], lambda c: {"cer": None, "blank_penalty": 0.0})
+
+
+def test_a_pretrained_share_needs_a_pretrained_encoder_and_its_checkpoint(tmp_path):
+    from asrflow.train.averaging import pretrained_part
+
+    write_model(tmp_path / "scratch.pt", 1)
+    with pytest.raises(CheckpointError, match="nothing to mix back"):
+        pretrained_part(average_models([tmp_path / "scratch.pt"], min_parents=1))
+    path, _ = write_finetuned_whisper(tmp_path)
+    ckpt = average_models([path], min_parents=1)
+    (tmp_path / "ct2" / "model.bin").unlink()
+    with pytest.raises(CheckpointError, match="model.bin"):
+        pretrained_part(ckpt)
+
+
+def test_a_wav2vec2_model_mixes_back_the_same_way(tmp_path):
+    pytest.importorskip("transformers", reason="transformers writes the tiny wav2vec2 checkpoint")
+    from tests.pretrained_checkpoints import write_hf_w2v
+    from asrflow.train.averaging import mix_with_pretrained, pretrained_part
+    from asrflow.train.pretrained import build_pretrained_model, exportable_model_config
+
+    folder, _ = write_hf_w2v(tmp_path / "w2v")
+    config = {"name": "wav2vec2", "checkpoint": str(folder), "freeze": "none"}
+    model = build_pretrained_model(config, len(VOCAB))
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    ckpt = {"model": model.state_dict(), "model_config": exportable_model_config(model, config), "n_mels": 80,
+            "vocab": VOCAB.to_dict(), "sample_rate": 16000}
+    part = pretrained_part(ckpt)
+    assert part and any(k not in part for k in ckpt["model"])  # the CTC head is not pretrained
+    back = mix_with_pretrained(ckpt, part, 1.0)["model"]
+    for k, v in back.items():
+        expected = pretrained[k] if k in part else ckpt["model"][k]
+        torch.testing.assert_close(v, expected, rtol=0, atol=1e-6)

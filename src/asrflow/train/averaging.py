@@ -8,6 +8,14 @@ another point, and the mean of such points lies nearer the basin's centre, which
 than either end. icefall averages checkpoints the same way (``--avg``); here the parents are whole
 models, so the result is evaluated, transcribed and reported like any trained variant.
 
+With ``pretrained_share`` the mean is then mixed, in weight space, with the pretrained encoder it was
+fine-tuned from (WiSE-FT, Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): each tensor of
+the pretrained part becomes ``(1 - share) * fine-tuned + share * pretrained``; the CTC head, which has no
+pretrained counterpart, stays the fine-tuned one. Fine-tuning on a few voices moves the encoder away
+from what it learnt on 680k hours of speech; a part of the way back keeps more of that breadth, for a
+little accuracy on the voices it was tuned on. ``choose_pretrained_share`` picks the share on dev: it can
+only choose it for voices training lacks if dev has some (``corpus.held_out_dev``).
+
 The parents must be the same model: the same architecture in ``model_config`` (keys that only steer
 training aside), the same vocabulary, the same tensor names and
 shapes. Anything else is a :class:`CheckpointError` naming the path and the difference, since averaging
@@ -18,7 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -91,12 +99,14 @@ def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, 
     return out
 
 
-def average_models(paths: Sequence[str | Path]) -> dict[str, Any]:
+def average_models(paths: Sequence[str | Path], min_parents: int = 2) -> dict[str, Any]:
     """The averaged model.pt (a dict like any asrflow model's). Its front end, vocabulary and config are
     the parents' (identical by the checks); ``averaged_from`` records each parent's path, digest and
-    MLflow run, ``history`` the last parent's (the averaged model has no training curve of its own)."""
-    if len(paths) < 2:
-        raise CheckpointError(f"average_of needs at least two models, got {list(map(str, paths))}")
+    MLflow run, ``history`` the last parent's (the averaged model has no training curve of its own).
+    ``min_parents=1`` (a mix with the pretrained encoder only) lets one model through unchanged."""
+    if len(paths) < min_parents:
+        raise CheckpointError(f"average_of needs at least {'two' if min_parents == 2 else min_parents} models "
+                              f"(one is enough with pretrained_share), got {list(map(str, paths))}")
     parents = [load_parent(p) for p in paths]
     for other in parents[1:]:
         check_same_model(parents[0], other)
@@ -119,3 +129,59 @@ def averaged_summary(variant: str, parent_summaries: Sequence[str | Path]) -> di
             "train_seconds": sum(float(p.get("train_seconds", 0.0)) for p in parts),
             "parameters": parts[-1].get("parameters"), "history": [],
             "stop_reason": "weights averaged over " + ", ".join(str(p.get("variant")) for p in parts)}
+
+
+def pretrained_part(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The pretrained encoder's own weights for the tensors of ``ckpt``'s pretrained part, read again from
+    the checkpoint its ``model_config`` names (a whisper_encoder or wav2vec2 model; no download)."""
+    from asrflow.text import vocab_from_dict
+    from asrflow.train.pretrained import build_pretrained_model
+    from asrflow.train.pretrained.freezing import pretrained_parameters
+
+    config = ckpt["model_config"]
+    if config.get("name") not in ("whisper_encoder", "wav2vec2"):
+        raise CheckpointError(f"pretrained_share needs a model fine-tuned from a pretrained encoder "
+                              f"(whisper_encoder, wav2vec2), not {config.get('name')!r}: it has nothing to mix back")
+    model = build_pretrained_model(config, len(vocab_from_dict(ckpt["vocab"])))
+    ids = {id(p) for p in pretrained_parameters(model)}
+    state = model.state_dict()
+    part = {name: state[name] for name, p in model.named_parameters() if id(p) in ids}
+    for name, v in part.items():
+        mine = ckpt["model"].get(name)
+        if mine is None or mine.shape != v.shape:
+            raise CheckpointError(f"{config.get('checkpoint')}: its {name} does not match the fine-tuned model's "
+                                  f"({tuple(v.shape)} against {None if mine is None else tuple(mine.shape)})")
+    return part
+
+
+def mix_with_pretrained(ckpt: dict[str, Any], pretrained: dict[str, torch.Tensor], share: float) -> dict[str, Any]:
+    """``ckpt`` with each pretrained tensor at ``(1 - share) * its own + share * pretrained`` (float64 sums)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"pretrained_share must lie in [0, 1], got {share}")
+    state = dict(ckpt["model"])
+    for name, v in pretrained.items():
+        mixed = (1.0 - share) * state[name].to(torch.float64) + share * v.to(torch.float64)
+        state[name] = mixed.to(state[name].dtype)
+    return {**ckpt, "model": state}
+
+
+def choose_pretrained_share(ckpt: dict[str, Any], shares: Sequence[float],
+                            score: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[dict[str, Any], list[dict]]:
+    """The mix of ``ckpt`` with its pretrained encoder whose ``score`` (a dev tuning: ``{"cer": ..}``) is
+    lowest, the smallest share on a tie, and every share's scores. The chosen share is recorded in the
+    model (``pretrained_share``)."""
+    if not shares:
+        raise ValueError("pretrained_share: an empty list of shares to choose from")
+    pretrained = pretrained_part(ckpt)
+    grid, best = [], None
+    for share in sorted({float(x) for x in shares}):
+        candidate = mix_with_pretrained(ckpt, pretrained, share)
+        row = {"share": share, **score(candidate)}
+        if row.get("cer") is None:  # e.g. a corpus whose manifest has no dev split
+            raise ValueError(f"pretrained_share: no dev CER to choose the share by (share {share}: {row}); "
+                             "the share is chosen on the dev split, which is empty")
+        grid.append(row)
+        if best is None or row["cer"] < best[0]["cer"]:
+            best = (row, candidate)
+    row, model = best
+    return {**model, "pretrained_share": {"chosen": row["share"], "grid": grid}}, grid
