@@ -45,6 +45,8 @@ def test_make_run_trains_the_whisper_default_alone(tmp_path):
     (("long_cpu.yaml", "long_cpu_more.yaml", "long_cpu_soup.yaml"),
      {"whisper_tiny", "whisper_tiny_more", "whisper_tiny_avg", "whisper_tiny_wise", "whisper_tiny_more_b",
       "whisper_tiny_soup_wise"}),
+    # the default's Whisper recipe with and without VTLP
+    ("vtlp_probe.yaml", {"whisper_tiny", "whisper_tiny_vtlp"}),
 ])
 def test_the_other_make_targets_plan_their_models(tmp_path, configfile, expected):
     configfiles = configfile if isinstance(configfile, tuple) else (configfile,)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from asrflow.train.augment import NoiseInjector, SpecAugment, SpeedPerturb
+from asrflow.train.augment import NoiseInjector, SpecAugment, SpeedPerturb, VocalTractLengthPerturb, vtlp_source_hz
 
 
 def _waves(lengths, seed=0, amp=0.1):
@@ -154,3 +154,94 @@ def test_noisy_speech_is_renormalized_to_the_level_inference_gives_it():
     for row, n in enumerate(lens.tolist()):
         assert abs(active_rms_dbfs(out[row, :n].numpy(), 16000) - (-23.0)) < 0.05
     assert not out[0, 24000:].any(), "padding stays silent"
+
+
+# --- VTLP --------------------------------------------------------------------------------------
+
+def test_mel_band_centres_are_the_filterbanks_peaks():
+    """The centres VTLP interpolates between are where each front end's triangular filters peak."""
+    from asrflow.train.features import LogMel
+    from asrflow.train.pretrained.whisper import WhisperLogMel
+
+    for frontend, fb in ((WhisperLogMel(80), WhisperLogMel(80).mel_filters.T),
+                         (LogMel(80), LogMel(80).mel.mel_scale.fb)):
+        centres = frontend.band_centres_hz()
+        bin_hz = frontend.sample_rate / frontend.n_fft
+        peaks = fb.argmax(dim=0).double() * bin_hz  # (mels,) the FFT bin each filter peaks at
+        assert centres.shape == (80,) and bool((centres.diff() > 0).all())
+        assert float((peaks - centres).abs().max()) <= bin_hz  # within one FFT bin
+
+
+def test_vtlp_warp_is_continuous_keeps_the_band_and_scales_low_frequencies():
+    f = torch.linspace(0, 8000, 8001, dtype=torch.float64)
+    for alpha in (0.9, 0.95, 1.05, 1.1):
+        src = vtlp_source_hz(f, alpha, 8000.0, 4800.0)
+        assert float(src[0]) == 0.0 and abs(float(src[-1]) - 8000.0) < 1e-9  # 0 and Nyquist stay put
+        assert bool((src.diff() > 0).all())  # monotone: no band is folded
+        assert float(src.diff().max()) < 1.5 and float(src.diff().min()) > 0.5  # continuous, no jump
+        assert abs(float(src[1000]) - 1000.0 / alpha) < 1e-9  # below the knee: formants times alpha
+    assert torch.equal(vtlp_source_hz(f, 1.0, 8000.0, 4800.0), f)
+
+
+def _tone_logmel(hz, seconds=1.0):
+    from asrflow.train.pretrained.whisper import WhisperLogMel
+
+    t = torch.arange(int(16000 * seconds), dtype=torch.float32) / 16000
+    waves = (0.3 * torch.sin(2 * math.pi * hz * t))[None]
+    frontend = WhisperLogMel(80)
+    feats, lens = frontend(waves, torch.tensor([waves.size(1)]))
+    return frontend, feats, lens
+
+
+def _peak_hz(frontend, feats):
+    return float(frontend.band_centres_hz()[int(feats[0, 10:-10].mean(dim=0).argmax())])
+
+
+@pytest.mark.parametrize("alpha", [0.9, 1.1])
+def test_vtlp_moves_a_tone_by_its_factor(alpha):
+    """A 1 kHz tone's log-mel peak moves to about alpha kHz, as the tone at alpha kHz has it."""
+    frontend, feats, lens = _tone_logmel(1000.0)
+    vtlp = VocalTractLengthPerturb(factors=(alpha, alpha), seed=0).train()
+    warped = vtlp(feats, lens, frontend.band_centres_hz(), 8000.0)
+    _, reference, _ = _tone_logmel(1000.0 * alpha)
+    assert abs(_peak_hz(frontend, warped) - _peak_hz(frontend, reference)) <= 60.0  # within a band there
+    assert abs(_peak_hz(frontend, warped) - 1000.0 * alpha) <= 60.0
+
+
+def test_vtlp_identity_cases_and_padding():
+    feats = _feats([30, 12, 5], F=80, pad_value=0.0)
+    lens = torch.tensor([30, 12, 5])
+    centres = torch.linspace(50, 7500, 80, dtype=torch.float64)
+    assert torch.equal(VocalTractLengthPerturb(factors=(1.0, 1.0), seed=0).train()(feats, lens, centres, 8000.0), feats)
+    assert torch.equal(VocalTractLengthPerturb(p=0.0, seed=0).train()(feats, lens, centres, 8000.0), feats)
+    assert torch.equal(VocalTractLengthPerturb(seed=0).eval()(feats, lens, centres, 8000.0), feats)
+    out = VocalTractLengthPerturb(seed=0).train()(feats, lens, centres, 8000.0)
+    assert not torch.equal(out, feats)
+    for b, n in enumerate(lens.tolist()):
+        assert not out[b, n:].any(), "padded frames stay zero"
+        # an interpolation: each warped value lies within the frame's own range
+        assert float(out[b, :n].max()) <= float(feats[b, :n].max()) + 1e-6
+        assert float(out[b, :n].min()) >= float(feats[b, :n].min()) - 1e-6
+
+
+def test_vtlp_deterministic_with_seed_and_factors_in_range():
+    a, b = VocalTractLengthPerturb(seed=5), VocalTractLengthPerturb(seed=5)
+    assert torch.equal(a.draw(64), b.draw(64))
+    alphas = VocalTractLengthPerturb(factors=(0.9, 1.1), seed=1).draw(500)
+    assert float(alphas.min()) >= 0.9 and float(alphas.max()) <= 1.1 and float(alphas.std()) > 0.05
+    half = VocalTractLengthPerturb(p=0.5, seed=1).draw(500)
+    assert 150 < int((half == 1.0).sum()) < 350
+    # the factors drawn where applied are the same ones p=1 draws: p only switches them off
+    assert torch.equal(half[half != 1.0], alphas[half != 1.0])
+
+
+def test_vtlp_rejects_bad_settings():
+    with pytest.raises(ValueError, match="factors"):
+        VocalTractLengthPerturb(factors=(1.1, 0.9))
+    with pytest.raises(ValueError, match="p must"):
+        VocalTractLengthPerturb(p=1.5)
+    feats, lens = _feats([4], F=10), torch.tensor([4])
+    with pytest.raises(ValueError, match="band centres"):
+        VocalTractLengthPerturb(seed=0).train()(feats, lens, torch.linspace(50, 7000, 8, dtype=torch.float64), 8000.0)
+    with pytest.raises(ValueError, match="Nyquist"):
+        VocalTractLengthPerturb(boundary_hz=9000, seed=0).train()(feats, lens, torch.linspace(50, 7000, 10), 8000.0)

@@ -401,6 +401,25 @@ def test_specaugment_works_on_whisper_logmel(hf_whisper):
     log_probs.mean().backward()
 
 
+def test_the_trainer_warps_whisper_logmel_with_vtlp_and_learns_from_it(hf_whisper):
+    """features(): VTLP acts on the front end's log-mel with that front end's band centres, and the
+    model trains on the result."""
+    from types import SimpleNamespace
+
+    from asrflow.train.augment import VocalTractLengthPerturb
+    from asrflow.train.trainer import Augmenters, features
+
+    model = build_model({"name": "whisper_encoder", "checkpoint": str(hf_whisper[0])}, VOCAB, 80)
+    batch = SimpleNamespace(waves=torch.randn(2, 16000) * 0.1, wave_lens=torch.tensor([16000, 12000]))
+    aug = Augmenters(None, None, None, VocalTractLengthPerturb(seed=3))
+    feats, lens = features(batch, None, model, aug, torch.device("cpu"))
+    plain, _ = model.wave_frontend(batch.waves, batch.wave_lens)
+    expected = VocalTractLengthPerturb(seed=3)(plain, lens, model.wave_frontend.band_centres_hz(), 8000.0)
+    assert torch.equal(feats, expected) and not torch.equal(feats, plain)
+    log_probs, _ = model.train()(feats, lens)
+    log_probs.mean().backward()
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(hf_whisper):
     grads = []
     for ckpt in (False, True):

@@ -65,14 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class FeatureTimer:
-    """Wall time spent inside the feature/augmentation modules (LogMel, CMVN, noise, speed, SpecAugment)."""
+    """Wall time spent inside the feature/augmentation modules (LogMel, CMVN, noise, speed, SpecAugment, VTLP)."""
 
     def __init__(self, ctx: Context):
         self.cuda = ctx.device.type == "cuda"
         self.seconds = 0.0
         self._t0: dict[int, float] = {}
         self._handles = []
-        modules = [ctx.logmel, getattr(ctx.model, "cmvn", None), ctx.aug.noise, ctx.aug.speed, ctx.aug.specaug]
+        modules = [ctx.logmel, getattr(ctx.model, "cmvn", None), ctx.aug.noise, ctx.aug.speed, ctx.aug.specaug, ctx.aug.vtlp]
         for m in modules:
             if m is not None:
                 self._handles.append(m.register_forward_pre_hook(self._pre))

@@ -1,4 +1,5 @@
-"""Data augmentation: SpecAugment on features, additive noise and speed perturbation on waveforms.
+"""Data augmentation: SpecAugment and vocal tract length perturbation on features, additive noise and
+speed perturbation on waveforms.
 
 Each transform is an ``nn.Module`` that only acts in training mode (``.eval()`` makes it the
 identity), respects each utterance's real length (padding is never touched nor counted), and draws
@@ -88,6 +89,83 @@ class SpecAugment(nn.Module):
         for _ in range(self.n_time_masks):
             spec = self.time_masking(spec, self.mask_value)
         return spec
+
+
+def vtlp_source_hz(freqs_hz: torch.Tensor, alpha: float, nyquist_hz: float, boundary_hz: float) -> torch.Tensor:
+    """Where the warped spectrum takes each frequency from: the inverse of Jaitly & Hinton's (2013)
+    piecewise-linear warp ``w``, which maps ``f -> alpha * f`` up to ``boundary_hz * min(alpha, 1) / alpha``
+    and then runs straight to ``nyquist -> nyquist`` (so the band stays full). The warped spectrum is
+    ``S'(f) = S(w^-1(f))``: what the speaker had at ``f`` now lies at ``w(f)``, as if the vocal tract were
+    ``1 / alpha`` times as long (formants ``alpha`` times as high)."""
+    knee_out = boundary_hz * min(alpha, 1.0)  # w(knee_in)
+    knee_in = knee_out / alpha
+    low = freqs_hz / alpha
+    high = nyquist_hz - (nyquist_hz - freqs_hz) * (nyquist_hz - knee_in) / (nyquist_hz - knee_out)
+    return torch.where(freqs_hz <= knee_out, low, high)
+
+
+class VocalTractLengthPerturb(nn.Module):
+    """Vocal tract length perturbation (VTLP; Jaitly & Hinton 2013): each utterance's log-mel spectrum
+    warped along frequency by a factor ``alpha ~ U(factors)``, a new "speaker" per draw. Speed
+    perturbation also moves formants, but together with pitch and tempo; this moves only the spectral
+    envelope's frequency scale, the dimension voices differ in most.
+
+    It acts on log-mel features before CMVN: band ``i`` (centre ``c_i``) takes the value the input has at
+    ``w^-1(c_i)`` (:func:`vtlp_source_hz`), linearly interpolated between the two nearest bands (whose
+    centres the feature front end gives: ``band_centres_hz()``), clamped at the first and last band.
+    ``alpha = 1`` is the identity. Padded frames stay what they were (each frame is warped on its own, and
+    a padded frame is constant across bands).
+    """
+
+    def __init__(self, factors: Sequence[float] = (0.9, 1.1), boundary_hz: float = 4800.0, p: float = 1.0,
+                 seed: int | None = None, generator: torch.Generator | None = None):
+        super().__init__()
+        low, high = (float(x) for x in factors)
+        if not 0.0 < low <= high:
+            raise ValueError(f"vtlp factors must be a range of positive numbers [low, high], got {list(factors)}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"vtlp p must be in [0, 1], got {p}")
+        if boundary_hz <= 0:
+            raise ValueError(f"vtlp boundary_hz must be positive, got {boundary_hz}")
+        self.factors, self.boundary_hz, self.p = (low, high), float(boundary_hz), float(p)
+        self.generator = make_generator(seed, generator)
+
+    def draw(self, batch: int) -> torch.Tensor:
+        """This batch's factors (B,), 1.0 where the draw says no. Both draws are made for every utterance,
+        so one utterance's factor does not depend on ``p`` or on the others."""
+        alphas = torch.ones(batch, dtype=torch.float64)
+        for b in range(batch):
+            apply = float(torch.rand((), generator=self.generator)) < self.p
+            alpha = _uniform(self.generator, *self.factors)
+            if apply:
+                alphas[b] = alpha
+        return alphas
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, band_centres_hz: torch.Tensor,
+                nyquist_hz: float) -> torch.Tensor:
+        """feats (B, T, F) log-mel, lengths (B,) -> warped copy (B, T, F)."""
+        if not self.training:
+            return feats
+        centres = band_centres_hz.to(torch.float64).cpu()
+        if centres.numel() != feats.size(-1):
+            raise ValueError(f"vtlp: {centres.numel()} band centres for {feats.size(-1)} feature bins")
+        if self.boundary_hz >= nyquist_hz:
+            raise ValueError(f"vtlp boundary_hz {self.boundary_hz} must lie below the Nyquist frequency {nyquist_hz}")
+        alphas = self.draw(feats.size(0))
+        if bool((alphas == 1.0).all()):
+            return feats
+        bins = torch.arange(centres.numel(), dtype=torch.float64)
+        positions = []
+        for alpha in alphas.tolist():
+            source = vtlp_source_hz(centres, alpha, nyquist_hz, self.boundary_hz)
+            # fractional band index of each source frequency (bands are monotone in frequency)
+            positions.append(torch.from_numpy(np.interp(source.numpy(), centres.numpy(), bins.numpy())))
+        pos = torch.stack(positions).to(feats.device)  # (B, F)
+        lower = pos.floor().long().clamp(max=centres.numel() - 1)
+        upper = (lower + 1).clamp(max=centres.numel() - 1)
+        frac = (pos - lower.to(pos.dtype)).to(feats.dtype)[:, None, :]
+        index = lambda i: i[:, None, :].expand(-1, feats.size(1), -1)  # noqa: E731  (B, T, F)
+        return torch.lerp(feats.gather(2, index(lower)), feats.gather(2, index(upper)), frac)
 
 
 @dataclass

@@ -21,6 +21,23 @@ from asrflow.audio import FEATURE_HOP_MS, SAMPLE_RATE
 LOG_EPS = 1e-6  # added to mel energies before the log; keeps digital silence at a finite, modest floor
 
 
+def mel_band_centres_hz(n_mels: int, f_min: float, f_max: float, mel_scale: str = "htk") -> torch.Tensor:
+    """Centre frequencies (Hz) of the ``n_mels`` triangular filters of a mel filterbank over [f_min, f_max]
+    (``torchaudio.functional.melscale_fbanks``' points: ``n_mels + 2`` equally spaced mels, ends dropped)."""
+    if mel_scale == "htk":
+        to_mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)  # noqa: E731
+        to_hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)  # noqa: E731
+    elif mel_scale == "slaney":  # linear below 1 kHz, logarithmic above (Slaney's Auditory Toolbox, librosa)
+        step, log_step = 200.0 / 3, math.log(6.4) / 27.0
+        to_mel = lambda f: f / step if f < 1000.0 else 15.0 + math.log(f / 1000.0) / log_step  # noqa: E731
+        to_hz = lambda m: m * step if m < 15.0 else 1000.0 * math.exp(log_step * (m - 15.0))  # noqa: E731
+    else:
+        raise ValueError(f"mel_scale must be htk or slaney, got {mel_scale!r}")
+    low, high = to_mel(float(f_min)), to_mel(float(f_max))
+    points = [low + (high - low) * k / (n_mels + 1) for k in range(1, n_mels + 1)]
+    return torch.tensor([to_hz(m) for m in points], dtype=torch.float64)
+
+
 def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """(B,) lengths -> (B, max_len) bool mask, True on real positions."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
@@ -52,6 +69,10 @@ class LogMel(nn.Module):
             sample_rate=self.sample_rate, n_fft=self.n_fft, win_length=self.win_length,
             hop_length=self.hop_length, n_mels=self.n_mels, power=2.0, center=False,
         )
+
+    def band_centres_hz(self) -> torch.Tensor:
+        """Each mel band's centre frequency (torchaudio's MelSpectrogram: HTK mels over 0 to Nyquist)."""
+        return mel_band_centres_hz(self.n_mels, 0.0, self.sample_rate / 2, "htk")
 
     def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
         """Exact number of frames for each sample length (0 for utterances shorter than one frame)."""

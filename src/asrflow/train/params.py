@@ -28,7 +28,10 @@ class TrainParams:
                                                                   "time_mask_param": 30, "n_freq_masks": 2,
                                                                   "n_time_masks": 2, "max_time_ratio": 0.2})
     noise: dict[str, Any] = field(default_factory=lambda: {"enabled": True, "p": 0.5, "snr_db": [0.0, 20.0]})
-    augment_after_steps: int = 0         # noise, speed perturbation and SpecAugment start at this step
+    # vocal tract length perturbation of log-mel features (augment.VocalTractLengthPerturb); off by default
+    vtlp: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "factors": [0.9, 1.1],
+                                                           "boundary_hz": 4800.0, "p": 1.0})
+    augment_after_steps: int = 0         # noise, speed perturbation, SpecAugment and VTLP start at this step
     speed_perturb: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "factors": [0.9, 1.0, 1.1]})
     oversample_temperature: float = 2.0  # 1 or 0: off
     class_weight_power: float = 0.0      # 0: off; 0.5: weights ∝ 1/sqrt(dialect frequency)
@@ -69,4 +72,6 @@ class TrainParams:
                   "checkpoint_every_steps", "keep_last", "threads_per_rank", "dev_max_utterances",
                   "loader_workers", "prefetch_factor", "persistent_workers", "train_cer_utterances"):
             spec.pop(k)
+        if not spec["vtlp"].get("enabled"):  # off: the spec of checkpoints written before VTLP existed, so they resume
+            spec.pop("vtlp")
         return {"params": spec, "vocab": vocab_symbols, "plan": plan_digest}

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from asrflow.text import CharVocab
-from asrflow.train.augment import NoiseInjector, SpecAugment, SpeedPerturb
+from asrflow.train.augment import NoiseInjector, SpecAugment, SpeedPerturb, VocalTractLengthPerturb
 from asrflow.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint)
 from asrflow.train.data import Batch, BatchLoader, UtteranceIndex
 from asrflow.train.distributed import World, average_batchnorm_statistics
@@ -48,13 +48,14 @@ class Augmenters:
     noise: NoiseInjector | None
     speed: SpeedPerturb | None
     specaug: SpecAugment | None
+    vtlp: VocalTractLengthPerturb | None = None
     # prep's loudness normalization, applied again after noise is mixed in: inference normalizes the
     # noisy recording it is given, so training must see noisy speech at that level too
     frontend: Any = None
 
     def reseed(self, seed: int) -> None:
         """Per-step seeds: a resumed run draws exactly what an uninterrupted one would have."""
-        for k, module in enumerate((self.noise, self.speed, self.specaug)):
+        for k, module in enumerate((self.noise, self.speed, self.specaug, self.vtlp)):
             if module is not None:
                 module.generator.manual_seed(seed * 4 + k)
 
@@ -92,7 +93,11 @@ def build_augmenters(params: TrainParams, noise_manifest: Path | None, frontend:
     if params.specaugment.get("enabled"):
         opts = {k: v for k, v in params.specaugment.items() if k != "enabled"}
         spec = SpecAugment(**opts, seed=params.seed)
-    return Augmenters(noise, speed, spec, frontend if noise is not None else None)
+    vtlp = None
+    if params.vtlp.get("enabled"):
+        opts = {k: v for k, v in params.vtlp.items() if k != "enabled"}
+        vtlp = VocalTractLengthPerturb(**opts, seed=params.seed)
+    return Augmenters(noise, speed, spec, vtlp, frontend if noise is not None else None)
 
 
 def renormalize(waves: torch.Tensor, lens: torch.Tensor, frontend: Any) -> torch.Tensor:
@@ -105,6 +110,7 @@ def renormalize(waves: torch.Tensor, lens: torch.Tensor, frontend: Any) -> torch
 
 def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmenters | None, device: torch.device):
     """Waveforms -> (augmented, normalized) log-mel on the device. Noise and speed act on the waveform,
+    VTLP on the log-mel before CMVN (it interpolates between bands, whose scales CMVN makes unequal),
     SpecAugment on CMVN-normalized features (so its mask value 0 is the mean)."""
     waves, lens = batch.waves, batch.wave_lens
     if aug is not None and aug.noise is not None:
@@ -115,10 +121,13 @@ def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmente
         waves, lens, _ = aug.speed(waves, lens)
     frontend = getattr(model, "wave_frontend", None) or logmel  # a pretrained encoder brings its own
     feats, feat_lens = frontend(waves.to(device, non_blocking=True), lens.to(device, non_blocking=True))
+    logmel_input = getattr(model, "feature_kind", "logmel") == "logmel"  # wav2vec2 takes waveforms
+    if aug is not None and aug.vtlp is not None and logmel_input:
+        feats = aug.vtlp(feats, feat_lens, frontend.band_centres_hz(), frontend.sample_rate / 2)
     if model.cmvn is not None:
         feats = model.cmvn(feats, feat_lens)
-    if aug is not None and aug.specaug is not None and getattr(model, "feature_kind", "logmel") == "logmel":
-        feats = aug.specaug(feats, feat_lens)  # wav2vec2 takes waveforms and masks inside the model
+    if aug is not None and aug.specaug is not None and logmel_input:
+        feats = aug.specaug(feats, feat_lens)  # wav2vec2 masks inside the model
     return feats, feat_lens
 
 

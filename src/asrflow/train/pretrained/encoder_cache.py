@@ -63,7 +63,7 @@ def check_recipe(params) -> None:
     if int(model.get("unfreeze_after_steps") or 0):
         raise EncoderCacheError("encoder_cache: model.unfreeze_after_steps must be 0 (an unfrozen encoder makes "
                                 "the cache stale); train the frozen phase cached, then init_from its model.pt")
-    on = [name for name in ("noise", "speed_perturb", "specaugment") if getattr(params, name).get("enabled")]
+    on = [name for name in ("noise", "speed_perturb", "specaugment", "vtlp") if getattr(params, name).get("enabled")]
     if on:
         raise EncoderCacheError(f"encoder_cache: the cached outputs are of the clean, unmasked audio, so "
                                 f"{', '.join(on)} cannot apply; set {', '.join(f'{n}.enabled: false' for n in on)} "

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from asrflow.train.features import lengths_to_mask
+from asrflow.train.features import lengths_to_mask, mel_band_centres_hz
 from asrflow.train.pretrained.checkpoints import (
     CheckpointError,
     check_shapes,
@@ -104,6 +104,10 @@ class WhisperLogMel(nn.Module):
                                                    norm="slaney", mel_scale="slaney")  # (freqs, mels)
         self.register_buffer("mel_filters", fb.T.contiguous(), persistent=False)  # (mels, freqs)
         self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
+
+    def band_centres_hz(self) -> torch.Tensor:
+        """Each mel band's centre frequency (Slaney mels over 0 to 8 kHz, as ``mel_filters``)."""
+        return mel_band_centres_hz(self.n_mels, 0.0, SAMPLE_RATE / 2, "slaney")
 
     def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
         return torch.div(sample_lengths, HOP_LENGTH, rounding_mode="floor").clamp_min(0)
