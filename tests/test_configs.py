@@ -46,7 +46,8 @@ def test_make_run_trains_the_whisper_default_alone(tmp_path):
      {"whisper_tiny", "whisper_tiny_more", "whisper_tiny_avg", "whisper_tiny_wise", "whisper_tiny_more_b",
       "whisper_tiny_soup_wise"}),
     # the default's Whisper recipe with and without VTLP
-    ("vtlp_probe.yaml", {"whisper_tiny", "whisper_tiny_vtlp", "whisper_tiny_s2", "whisper_tiny_vtlp_s2", "whisper_tiny_vtlp_wide"}),
+    ("vtlp_probe.yaml", {"whisper_tiny", "whisper_tiny_vtlp", "whisper_tiny_s2", "whisper_tiny_vtlp_s2", "whisper_tiny_vtlp_wide",
+                         "whisper_tiny_s3", "whisper_tiny_vtlp_s3"}),
 ])
 def test_the_other_make_targets_plan_their_models(tmp_path, configfile, expected):
     configfiles = configfile if isinstance(configfile, tuple) else (configfile,)
