@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from asrflow.train.augment import NoiseInjector, SpecAugment, SpeedPerturb, VocalTractLengthPerturb, vtlp_source_hz
+from asrflow.train.augment import (NoiseInjector, SpecAugment, SpeedPerturb, VocalTractLengthPerturb, vtlp_source_hz,
+                                   warp_log_mel)
 
 
 def _waves(lengths, seed=0, amp=0.1):
@@ -222,6 +223,21 @@ def test_vtlp_identity_cases_and_padding():
         # an interpolation: each warped value lies within the frame's own range
         assert float(out[b, :n].max()) <= float(feats[b, :n].max()) + 1e-6
         assert float(out[b, :n].min()) >= float(feats[b, :n].min()) - 1e-6
+
+
+def test_warp_log_mel_warps_each_utterance_by_its_own_factor_as_vtlp_does():
+    """The fixed-factor warp (scripts/vtln_probe.py's test-time warp) is the perturbation's: a batch warped
+    by the factors VTLP draws equals VTLP's output, and each row equals that row warped alone."""
+    feats = _feats([30, 12, 5], F=80, pad_value=0.0)
+    lens = torch.tensor([30, 12, 5])
+    centres = torch.linspace(50, 7500, 80, dtype=torch.float64)
+    alphas = VocalTractLengthPerturb(seed=3).draw(3)
+    by_vtlp = VocalTractLengthPerturb(seed=3).train()(feats, lens, centres, 8000.0)
+    batch = warp_log_mel(feats, alphas, centres, 8000.0, 4800.0)
+    assert torch.equal(batch, by_vtlp)
+    for b in range(3):
+        assert torch.allclose(batch[b], warp_log_mel(feats[b:b + 1], alphas[b:b + 1], centres, 8000.0, 4800.0)[0])
+    assert torch.equal(warp_log_mel(feats, torch.ones(3, dtype=torch.float64), centres, 8000.0, 4800.0), feats)
 
 
 def test_vtlp_deterministic_with_seed_and_factors_in_range():

@@ -104,6 +104,26 @@ def vtlp_source_hz(freqs_hz: torch.Tensor, alpha: float, nyquist_hz: float, boun
     return torch.where(freqs_hz <= knee_out, low, high)
 
 
+def warp_log_mel(feats: torch.Tensor, alphas: torch.Tensor, band_centres_hz: torch.Tensor, nyquist_hz: float,
+                 boundary_hz: float) -> torch.Tensor:
+    """feats (B, T, F) log-mel, each utterance warped along frequency by its own ``alphas[b]``: band ``i``
+    takes the value at :func:`vtlp_source_hz` of its centre, linearly interpolated between the two nearest
+    bands and clamped at the first and last (the warp of :class:`VocalTractLengthPerturb`, given the factors)."""
+    centres = band_centres_hz.to(torch.float64).cpu()
+    bins = torch.arange(centres.numel(), dtype=torch.float64)
+    positions = []
+    for alpha in alphas.tolist():
+        source = vtlp_source_hz(centres, alpha, nyquist_hz, boundary_hz)
+        # fractional band index of each source frequency (bands are monotone in frequency)
+        positions.append(torch.from_numpy(np.interp(source.numpy(), centres.numpy(), bins.numpy())))
+    pos = torch.stack(positions).to(feats.device)  # (B, F)
+    lower = pos.floor().long().clamp(max=centres.numel() - 1)
+    upper = (lower + 1).clamp(max=centres.numel() - 1)
+    frac = (pos - lower.to(pos.dtype)).to(feats.dtype)[:, None, :]
+    index = lambda i: i[:, None, :].expand(-1, feats.size(1), -1)  # noqa: E731  (B, T, F)
+    return torch.lerp(feats.gather(2, index(lower)), feats.gather(2, index(upper)), frac)
+
+
 class VocalTractLengthPerturb(nn.Module):
     """Vocal tract length perturbation (VTLP; Jaitly & Hinton 2013): each utterance's log-mel spectrum
     warped along frequency by a factor ``alpha ~ U(factors)``, a new "speaker" per draw. Speed
@@ -154,18 +174,7 @@ class VocalTractLengthPerturb(nn.Module):
         alphas = self.draw(feats.size(0))
         if bool((alphas == 1.0).all()):
             return feats
-        bins = torch.arange(centres.numel(), dtype=torch.float64)
-        positions = []
-        for alpha in alphas.tolist():
-            source = vtlp_source_hz(centres, alpha, nyquist_hz, self.boundary_hz)
-            # fractional band index of each source frequency (bands are monotone in frequency)
-            positions.append(torch.from_numpy(np.interp(source.numpy(), centres.numpy(), bins.numpy())))
-        pos = torch.stack(positions).to(feats.device)  # (B, F)
-        lower = pos.floor().long().clamp(max=centres.numel() - 1)
-        upper = (lower + 1).clamp(max=centres.numel() - 1)
-        frac = (pos - lower.to(pos.dtype)).to(feats.dtype)[:, None, :]
-        index = lambda i: i[:, None, :].expand(-1, feats.size(1), -1)  # noqa: E731  (B, T, F)
-        return torch.lerp(feats.gather(2, index(lower)), feats.gather(2, index(upper)), frac)
+        return warp_log_mel(feats, alphas, centres, nyquist_hz, self.boundary_hz)
 
 
 @dataclass
