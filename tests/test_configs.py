@@ -50,6 +50,8 @@ def test_make_run_trains_the_whisper_default_alone(tmp_path):
                          "whisper_tiny_s3", "whisper_tiny_vtlp_s3"}),
     # VTLP on the long recipe, in place of its whisper_tiny, and its mix with Whisper's weights
     (("long_cpu.yaml", "long_cpu_vtlp.yaml"), {"whisper_tiny_vtlp", "whisper_tiny_vtlp_wise"}),
+    # the default with the stem and the first 2 blocks frozen for the whole run
+    ("frozen_probe.yaml", {"whisper_tiny", "whisper_tiny_top2"}),
 ])
 def test_the_other_make_targets_plan_their_models(tmp_path, configfile, expected):
     configfiles = configfile if isinstance(configfile, tuple) else (configfile,)
