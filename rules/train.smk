@@ -112,7 +112,8 @@ rule train:
 rule average_models:
     """A variant with `average_of: [a, b, ...]`: the mean of those variants' weights (weight averaging
     over the ends of training stages; asrflow.train.averaging), with `pretrained_share: [..]` mixed back
-    towards the pretrained encoder by the share with the lowest dev CER (WiSE-FT). No training: its model
+    towards the pretrained encoder by the share with the lowest dev CER (WiSE-FT; with
+    `pretrained_share_blocks: [k, ..]` only the stem and lowest k blocks, k chosen too). No training: its model
     is evaluated, transcribed and reported like a trained one."""
     wildcard_constraints:
         variant=averaged_variants_pattern(),
@@ -130,6 +131,7 @@ rule average_models:
         "benchmarks/train/{variant}.tsv"
     params:
         pretrained_share=lambda wc: variant_params(wc.variant).get("pretrained_share") or [],
+        pretrained_share_blocks=lambda wc: variant_params(wc.variant).get("pretrained_share_blocks") or [],
         blank_penalties=config["evaluation"].get("blank_penalties", [0.0]),
         sample_rate=config["prep"]["sample_rate"],
         target_rms_dbfs=config["prep"]["target_rms_dbfs"],

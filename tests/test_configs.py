@@ -52,6 +52,9 @@ def test_make_run_trains_the_whisper_default_alone(tmp_path):
     (("long_cpu.yaml", "long_cpu_vtlp.yaml"), {"whisper_tiny_vtlp", "whisper_tiny_vtlp_wise"}),
     # the default with the stem and the first 2 blocks frozen for the whole run
     ("frozen_probe.yaml", {"whisper_tiny", "whisper_tiny_top2"}),
+    # the three seeds of the default, each mixed back towards Whisper whole and by depth (no training of its own)
+    (("vtlp_probe.yaml", "wise_depth_probe.yaml"),
+     {f"whisper_tiny{seed}{mix}" for seed in ("", "_s2", "_s3") for mix in ("", "_wise", "_lowwise")}),
 ])
 def test_the_other_make_targets_plan_their_models(tmp_path, configfile, expected):
     configfiles = configfile if isinstance(configfile, tuple) else (configfile,)
@@ -73,6 +76,8 @@ def test_an_averaged_variant_plans_its_parents_and_an_unknown_parent_stops_the_d
     ("one: {average_of: [whisper_tiny]}", "a mean needs two at least"),
     # a share mixes an averaged model only: on a trained variant it would be silently ignored
     ("one: {pretrained_share: [0.0, 0.2]}", "average_of"),
+    # depths without a share to mix them by
+    ("one: {average_of: [whisper_tiny, full], pretrained_share_blocks: [1]}", "pretrained_share_blocks"),
 ])
 def test_a_lone_parent_or_a_share_without_average_of_stops_the_dag(tmp_path, variant, message):
     override = tmp_path / "bad.yaml"

@@ -51,9 +51,10 @@ training:
       max_steps: 4
     whisper_avg:      # no training: the mean of the two stages' weights (rule average_models)
       average_of: [whisper_cached, whisper_ft]
-    whisper_wise:     # no training: whisper_ft mixed back towards its checkpoint by the share best on dev (WiSE-FT)
-      average_of: [whisper_ft]
+    whisper_wise:     # no training: whisper_ft mixed back towards its checkpoint by the share best on dev (WiSE-FT),
+      average_of: [whisper_ft]          # the stem and lowest block, or the whole encoder, as dev prefers
       pretrained_share: [0.0, 0.5, 1.0]
+      pretrained_share_blocks: [1, 2]
 benchmark: {{steps: 2, warmup_steps: 1, processes: [1], precisions: [fp32], batching: [dynamic],
             gradient_checkpointing: false, prep_workers: []}}
 """
@@ -198,8 +199,9 @@ def test_an_averaged_variant_is_its_parents_mean_and_is_evaluated_like_a_trained
 
 
 def test_a_pretrained_share_is_chosen_on_a_dev_set_with_the_held_out_voice(models_run):
-    """whisper_wise: its encoder is (1 - s) whisper_ft + s the checkpoint's, s the share with the lowest dev
-    CER, on a dev set that has the held-out voice family (corpus.held_out_dev); its head is whisper_ft's."""
+    """whisper_wise: its encoder's stem and lowest k blocks are (1 - s) whisper_ft + s the checkpoint's, (s, k)
+    the pair with the lowest dev CER, on a dev set that has the held-out voice family (corpus.held_out_dev);
+    the rest (the blocks above k, the head) is whisper_ft's."""
     from asrflow.train.averaging import pretrained_part
 
     work = models_run["work"]
@@ -209,14 +211,15 @@ def test_a_pretrained_share_is_chosen_on_a_dev_set_with_the_held_out_voice(model
     wise, ft = load("whisper_wise"), load("whisper_ft")
     record = wise["pretrained_share"]
     grid = record["grid"]
-    assert [row["share"] for row in grid] == [0.0, 0.5, 1.0]
+    assert record["encoder_blocks"] == 2  # the test checkpoint's; 2 is the whole encoder
+    assert [(row["share"], row["blocks"]) for row in grid] == [(0.0, 1), (0.5, 1), (0.5, 2), (1.0, 1), (1.0, 2)]
     assert all(math.isfinite(row["cer"]) and "festival (held-out voice)" in row["by_group"] for row in grid)
-    best = min(grid, key=lambda row: row["cer"])
-    assert record["chosen"] == best["share"]
+    best = min(grid, key=lambda row: row["cer"])  # the first of equals: the smaller share, then fewer blocks
+    assert (record["chosen"], record["blocks"]) == (best["share"], best["blocks"])
     share = record["chosen"]
     # the checkpoint the fixture moved away after the run: read again for the pretrained weights
     moved = dict(ft, model_config={**ft["model_config"], "checkpoint": str(work.parent / "checkpoints.moved/whisper")})
-    pretrained = pretrained_part(moved)
+    pretrained = pretrained_part(moved, record["blocks"])
     assert pretrained and all(k.startswith("encoder.") for k in pretrained)
     for k, v in wise["model"].items():
         expected = ((1 - share) * ft["model"][k].double() + share * pretrained[k].double()).to(v.dtype) \

@@ -16,6 +16,7 @@ from asrflow.workflow import step_run
 smk = snakemake  # noqa: F821
 p = smk.params
 shares = [float(x) for x in p.pretrained_share]
+blocks = [int(k) for k in p.pretrained_share_blocks] or None  # None: the whole encoder
 frontend = Frontend(sample_rate=p.sample_rate, target_rms_dbfs=p.target_rms_dbfs, peak_ceiling_dbfs=p.peak_ceiling_dbfs)
 torch.set_num_threads(max(1, smk.threads))
 out = Path(smk.output.model)
@@ -37,7 +38,7 @@ with step_run(smk, "average_models") as run:
     averaged = average_models(list(smk.input.models), min_parents=1 if shares else 2)
     grid = []
     if shares:
-        averaged, grid = choose_pretrained_share(averaged, shares, dev_score)
+        averaged, grid = choose_pretrained_share(averaged, shares, dev_score, blocks)
     averaged["mlflow_run_id"] = run.run.info.run_id if run.run is not None else None
     tmp = out.with_suffix(".pt.tmp")
     torch.save(averaged, tmp)
@@ -51,8 +52,10 @@ with step_run(smk, "average_models") as run:
     run.tags({f"average_of.{i}.parent_run_id": parent["mlflow_run_id"] or ""
               for i, parent in enumerate(averaged["averaged_from"])})
     if grid:
-        run.params({"pretrained_share.grid": ",".join(f"{row['share']:g}" for row in grid),
-                    "pretrained_share.chosen": averaged["pretrained_share"]["chosen"]})
-        run.metrics({f"pretrained_share.{row['share']:g}.dev_cer": row["cer"] for row in grid})
+        chosen = averaged["pretrained_share"]
+        run.params({"pretrained_share.grid": ",".join(f"{row['share']:g}" for row in grid if row["blocks"] == grid[-1]["blocks"]),
+                    "pretrained_share.blocks_grid": ",".join(sorted({str(row["blocks"]) for row in grid}, key=int)),
+                    "pretrained_share.chosen": chosen["chosen"], "pretrained_share.blocks": chosen["blocks"]})
+        run.metrics({f"pretrained_share.{row['share']:g}.blocks{row['blocks']}.dev_cer": row["cer"] for row in grid})
     run.metrics({"global_step": summary["global_step"], "train_seconds": summary["train_seconds"]})
     run.artifact(out, "model")

@@ -189,3 +189,63 @@ def test_a_wav2vec2_model_mixes_back_the_same_way(tmp_path):
     for k, v in back.items():
         expected = pretrained[k] if k in part else ckpt["model"][k]
         torch.testing.assert_close(v, expected, rtol=0, atol=1e-6)
+    # pretrained_share_blocks 0: wav2vec2's stem only (CNN feature encoder, feature projection, positional conv)
+    stem = pretrained_part(ckpt, 0)
+    assert stem and set(stem) < set(part)
+    assert all(".feature_extractor." in k or ".feature_projection." in k or ".pos_conv_embed." in k for k in stem), sorted(stem)
+    assert all(".layers." not in k for k in stem)
+
+
+def _block_of(name):
+    """The encoder block index in a tensor's name (``...layers.<i>....``), None outside the blocks."""
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+
+
+def test_pretrained_share_blocks_mixes_back_only_the_stem_and_the_lowest_blocks(tmp_path):
+    from asrflow.train.averaging import encoder_blocks, mix_with_pretrained, pretrained_part
+
+    path, pretrained = write_finetuned_whisper(tmp_path)
+    ckpt = average_models([path], min_parents=1)
+    n = encoder_blocks(ckpt)
+    assert n == 1 + max(_block_of(k) for k in ckpt["model"] if _block_of(k) is not None) and n >= 2
+    everything = pretrained_part(ckpt)
+    assert set(pretrained_part(ckpt, n)) == set(everything)  # k = the block count: the whole encoder
+    stem_only, lowest = pretrained_part(ckpt, 0), pretrained_part(ckpt, 1)
+    assert set(stem_only) == {k for k in everything if k.startswith(("encoder.conv1.", "encoder.conv2."))}
+    assert set(lowest) == set(stem_only) | {k for k in everything if _block_of(k) == 0}
+    mixed = mix_with_pretrained(ckpt, lowest, 0.5)["model"]
+    for k, v in ckpt["model"].items():
+        if k in lowest:
+            torch.testing.assert_close(mixed[k], (0.5 * v.double() + 0.5 * pretrained[k].double()).to(v.dtype),
+                                       rtol=0, atol=1e-7)
+        else:  # blocks above k, the final layer norm, the head: the fine-tuned model's, bit for bit
+            assert torch.equal(mixed[k], v), k
+    with pytest.raises(ValueError, match=f"encoder has {n} blocks"):
+        pretrained_part(ckpt, n + 1)
+
+
+def test_the_share_and_the_depth_are_chosen_together_on_dev(tmp_path):
+    from asrflow.train.averaging import choose_pretrained_share, pretrained_part
+
+    path, _ = write_finetuned_whisper(tmp_path)
+    ckpt = average_models([path], min_parents=1)
+    block0 = next(k for k in pretrained_part(ckpt, 1) if _block_of(k) == 0)
+    block1 = next(k for k in pretrained_part(ckpt, 2) if _block_of(k) == 1)
+    fine_tuned = ckpt["model"]
+
+    def score(candidate):  # stands in for the dev CER: best where block 0 moves and block 1 does not
+        moved0 = not torch.equal(candidate["model"][block0], fine_tuned[block0])
+        moved1 = not torch.equal(candidate["model"][block1], fine_tuned[block1])
+        return {"cer": 0.2 - 0.05 * moved0 + 0.1 * moved1}
+
+    model, grid = choose_pretrained_share(ckpt, [0.0, 0.3, 0.6], score, blocks=[2, 1])
+    # share 0 is the fine-tuned model whatever the depth: scored once; then each (share, k) in order
+    assert [(row["share"], row["blocks"]) for row in grid] == [(0.0, 1), (0.3, 1), (0.3, 2), (0.6, 1), (0.6, 2)]
+    chosen = model["pretrained_share"]
+    assert (chosen["chosen"], chosen["blocks"], chosen["encoder_blocks"]) == (0.3, 1, 2)  # the tie at 0.6: the smaller share
+    assert torch.equal(model["model"][block1], fine_tuned[block1])
+    assert not torch.equal(model["model"][block0], fine_tuned[block0])
+    # without blocks: the whole encoder, recorded as its block count
+    model, grid = choose_pretrained_share(ckpt, [0.0, 0.5], lambda c: {"cer": 0.1})
+    assert [row["blocks"] for row in grid] == [2, 2] and model["pretrained_share"]["blocks"] == 2

@@ -16,6 +16,13 @@ from what it learnt on 680k hours of speech; a part of the way back keeps more o
 little accuracy on the voices it was tuned on. ``choose_pretrained_share`` picks the share on dev: it can
 only choose it for voices training lacks if dev has some (``corpus.held_out_dev``).
 
+With ``pretrained_share_blocks: [k, ...]`` only the encoder's stem and its lowest k blocks are mixed back
+(the depth ``freeze: k`` uses); the blocks above keep their fine-tuned weights, and k equal to the
+encoder's block count mixes every pretrained tensor, as without the key. Dev then chooses the share and k
+together. Why: on the embedded corpus, what an unheard voice gains from the mix comes from the lowest
+blocks (the acoustic ones), while mixing the top blocks back costs the trained voices and buys the
+unheard one nothing (docs/results.md, "Session 16").
+
 The parents must be the same model: the same architecture in ``model_config`` (keys that only steer
 training aside), the same vocabulary, the same tensor names and
 shapes. Anything else is a :class:`CheckpointError` naming the path and the difference, since averaging
@@ -131,9 +138,11 @@ def averaged_summary(variant: str, parent_summaries: Sequence[str | Path]) -> di
             "stop_reason": "weights averaged over " + ", ".join(str(p.get("variant")) for p in parts)}
 
 
-def pretrained_part(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+def pretrained_part(ckpt: dict[str, Any], blocks: int | None = None) -> dict[str, torch.Tensor]:
     """The pretrained encoder's own weights for the tensors of ``ckpt``'s pretrained part, read again from
-    the checkpoint its ``model_config`` names (a whisper_encoder or wav2vec2 model; no download)."""
+    the checkpoint its ``model_config`` names (a whisper_encoder or wav2vec2 model; no download). With
+    ``blocks`` k: only the tensors of the encoder's stem and its lowest k blocks (``freeze_units``, the
+    depth ``freeze: k`` uses); k equal to the encoder's block count (or None) keeps every pretrained tensor."""
     from asrflow.text import vocab_from_dict
     from asrflow.train.pretrained import build_pretrained_model
     from asrflow.train.pretrained.freezing import pretrained_parameters
@@ -144,6 +153,13 @@ def pretrained_part(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
                               f"(whisper_encoder, wav2vec2), not {config.get('name')!r}: it has nothing to mix back")
     model = build_pretrained_model(config, len(vocab_from_dict(ckpt["vocab"])))
     ids = {id(p) for p in pretrained_parameters(model)}
+    if blocks is not None:
+        stem, layers = model.freeze_units()
+        if not 0 <= int(blocks) <= len(layers):
+            raise ValueError(f"pretrained_share_blocks: {blocks}, but the encoder has {len(layers)} blocks "
+                             f"(0 mixes the stem only, {len(layers)} every pretrained tensor)")
+        if int(blocks) < len(layers):
+            ids &= {id(p) for m in stem + layers[:int(blocks)] for p in m.parameters()}
     state = model.state_dict()
     part = {name: state[name] for name, p in model.named_parameters() if id(p) in ids}
     for name, v in part.items():
@@ -152,6 +168,16 @@ def pretrained_part(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{config.get('checkpoint')}: its {name} does not match the fine-tuned model's "
                                   f"({tuple(v.shape)} against {None if mine is None else tuple(mine.shape)})")
     return part
+
+
+def encoder_blocks(ckpt: dict[str, Any]) -> int:
+    """How many blocks the pretrained encoder of ``ckpt`` has (what ``pretrained_share_blocks`` counts)."""
+    config = ckpt["model_config"]
+    key = {"whisper_encoder": "num_layers", "wav2vec2": "encoder_num_layers"}.get(config.get("name"))
+    if key is None or key not in config:
+        raise CheckpointError(f"pretrained_share needs a model fine-tuned from a pretrained encoder "
+                              f"(whisper_encoder, wav2vec2), not {config.get('name')!r}: it has nothing to mix back")
+    return int(config[key])
 
 
 def mix_with_pretrained(ckpt: dict[str, Any], pretrained: dict[str, torch.Tensor], share: float) -> dict[str, Any]:
@@ -166,22 +192,29 @@ def mix_with_pretrained(ckpt: dict[str, Any], pretrained: dict[str, torch.Tensor
 
 
 def choose_pretrained_share(ckpt: dict[str, Any], shares: Sequence[float],
-                            score: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[dict[str, Any], list[dict]]:
+                            score: Callable[[dict[str, Any]], dict[str, Any]],
+                            blocks: Sequence[int] | None = None) -> tuple[dict[str, Any], list[dict]]:
     """The mix of ``ckpt`` with its pretrained encoder whose ``score`` (a dev tuning: ``{"cer": ..}``) is
-    lowest, the smallest share on a tie, and every share's scores. The chosen share is recorded in the
-    model (``pretrained_share``)."""
+    lowest, and every candidate's scores. ``blocks`` (``pretrained_share_blocks``): the depths to mix back
+    (the stem and the lowest k blocks); None: the whole encoder. Each (share, k) is scored once, share 0
+    (the fine-tuned model itself) once for all k; on a tie the smallest share, then the fewest blocks,
+    wins (the least change). The choice is recorded in the model (``pretrained_share``)."""
     if not shares:
         raise ValueError("pretrained_share: an empty list of shares to choose from")
-    pretrained = pretrained_part(ckpt)
+    n_blocks = encoder_blocks(ckpt)
+    depths = sorted({int(k) for k in blocks}) if blocks else [n_blocks]
+    parts = {k: pretrained_part(ckpt, k) for k in depths}
     grid, best = [], None
     for share in sorted({float(x) for x in shares}):
-        candidate = mix_with_pretrained(ckpt, pretrained, share)
-        row = {"share": share, **score(candidate)}
-        if row.get("cer") is None:  # e.g. a corpus whose manifest has no dev split
-            raise ValueError(f"pretrained_share: no dev CER to choose the share by (share {share}: {row}); "
-                             "the share is chosen on the dev split, which is empty")
-        grid.append(row)
-        if best is None or row["cer"] < best[0]["cer"]:
-            best = (row, candidate)
+        for k in depths[:1] if share == 0.0 else depths:
+            candidate = mix_with_pretrained(ckpt, parts[k], share)
+            row = {"share": share, "blocks": k, **score(candidate)}
+            if row.get("cer") is None:  # e.g. a corpus whose manifest has no dev split
+                raise ValueError(f"pretrained_share: no dev CER to choose the share by (share {share}: {row}); "
+                                 "the share is chosen on the dev split, which is empty")
+            grid.append(row)
+            if best is None or row["cer"] < best[0]["cer"]:
+                best = (row, candidate)
     row, model = best
-    return {**model, "pretrained_share": {"chosen": row["share"], "grid": grid}}, grid
+    return {**model, "pretrained_share": {"chosen": row["share"], "blocks": row["blocks"],
+                                          "encoder_blocks": n_blocks, "grid": grid}}, grid
