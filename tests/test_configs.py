@@ -49,7 +49,7 @@ def test_make_run_trains_the_whisper_default_alone(tmp_path):
     ("vtlp_probe.yaml", {"whisper_tiny", "whisper_tiny_vtlp", "whisper_tiny_s2", "whisper_tiny_vtlp_s2", "whisper_tiny_vtlp_wide",
                          "whisper_tiny_s3", "whisper_tiny_vtlp_s3"}),
     # VTLP on the long recipe, in place of its whisper_tiny, and its mix with Whisper's weights
-    (("long_cpu.yaml", "long_cpu_vtlp.yaml"), {"whisper_tiny_vtlp", "whisper_tiny_vtlp_wise"}),
+    (("long_cpu.yaml", "long_cpu_vtlp.yaml"), {"whisper_tiny_vtlp", "whisper_tiny_vtlp_wise", "whisper_tiny_vtlp_lowwise"}),
     # the default with the stem and the first 2 blocks frozen for the whole run
     ("frozen_probe.yaml", {"whisper_tiny", "whisper_tiny_top2"}),
     # the three seeds of the default, each mixed back towards Whisper whole and by depth (no training of its own)
