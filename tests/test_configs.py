@@ -56,6 +56,8 @@ def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp
     # the default with the stem and the first 2 blocks frozen for the whole run
     ("frozen_probe.yaml", {"whisper_tiny", "whisper_tiny_top2"}),
     # the three seeds of the default, each mixed back towards Whisper whole and by depth (no training of its own)
+    # layer-wise LR decay at the default's 600 steps, and its mix by depth, beside the default's mix
+    ("lr_decay_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_llrd", "whisper_tiny_llrd_lowwise"}),
     (("vtlp_probe.yaml", "wise_depth_probe.yaml"),
      {f"whisper_tiny{seed}{mix}" for seed in ("", "_s2", "_s3") for mix in ("", "_wise", "_lowwise")}),
 ])

@@ -389,6 +389,32 @@ def test_param_groups_give_the_pretrained_part_a_lower_lr(ct2_whisper):
     assert waveform_frontend(scratch) is None
 
 
+def test_layer_wise_lr_decay_gives_each_lower_block_a_lower_lr(ct2_whisper):
+    """pretrained_lr_decay d: the top block and the final norm at pretrained_lr_scale, each unit below d times
+    lower, the stem lowest; the head keeps the schedule's LR; every parameter in exactly one group."""
+    model = build_model({"name": "whisper_encoder", "checkpoint": str(ct2_whisper), "pretrained_lr_scale": 0.1,
+                         "pretrained_lr_decay": 0.5}, VOCAB, 80)
+    groups = param_groups(model)
+    stem, blocks = model.freeze_units()
+    n = len(blocks)
+    assert [g["name"] for g in groups] == ["new"] + ["pretrained"] * (n + 1)
+    assert groups[0]["lr_scale"] == 1.0
+    for d, g in enumerate(groups[1:]):
+        assert g["depth"] == d and g["lr_scale"] == pytest.approx(0.1 * 0.5 ** (n - d))
+    ids = lambda modules: {id(p) for m in modules for p in m.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == ids(stem)
+    assert {id(p) for p in groups[2]["params"]} == ids(blocks[:1])
+    assert {id(p) for p in groups[-1]["params"]} == ids(blocks[-1:]) | ids([model.encoder.layer_norm])
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids)) == len(list(model.parameters()))
+    # 1 (the default): one pretrained group, as before
+    flat = build_model({"name": "whisper_encoder", "checkpoint": str(ct2_whisper), "pretrained_lr_scale": 0.1},
+                       VOCAB, 80)
+    assert [(g["name"], g["lr_scale"]) for g in param_groups(flat)] == [("new", 1.0), ("pretrained", 0.1)]
+    with pytest.raises(ValueError, match=r"pretrained_lr_decay must lie in \(0, 1\]"):
+        build_model({"name": "whisper_encoder", "checkpoint": str(ct2_whisper), "pretrained_lr_decay": 1.5}, VOCAB, 80)
+
+
 def test_specaugment_works_on_whisper_logmel(hf_whisper):
     from asrflow.train.augment import SpecAugment
 

@@ -44,7 +44,7 @@ REQUIRED_KEYS = {"model", "vocab", "model_config"}
 # model_config keys that only steer training (what is frozen when, learning rates, regularization):
 # stages of one model differ in them, and the averaged model computes the same function either way
 TRAINING_ONLY_KEYS = frozenset({"freeze", "unfreeze_after_steps", "unfreeze_warmup_steps", "frozen_after_unfreeze",
-                                "pretrained_lr_scale", "gradient_checkpointing", "dropout", "encoder_dropout",
+                                "pretrained_lr_scale", "pretrained_lr_decay", "gradient_checkpointing", "dropout", "encoder_dropout",
                                 "attention_dropout", "freeze_feature_encoder", "mask_time_prob", "mask_time_length",
                                 "mask_feature_prob", "mask_feature_length"})
 

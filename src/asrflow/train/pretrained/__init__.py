@@ -88,6 +88,8 @@ def _check_common(c: dict[str, Any], n_blocks: int | None) -> None:
             raise ValueError(f"{c['name']}: frozen_after_unfreeze needs unfreeze_after_steps > 0")
     if not float(c["pretrained_lr_scale"]) > 0:
         raise ValueError(f"{c['name']}: pretrained_lr_scale must be > 0")
+    if not 0 < float(c.get("pretrained_lr_decay", 1.0)) <= 1:
+        raise ValueError(f"{c['name']}: pretrained_lr_decay must lie in (0, 1], got {c.get('pretrained_lr_decay')!r}")
 
 
 def build_pretrained_model(cfg: dict[str, Any], vocab_size: int, load_weights: bool = True) -> nn.Module:

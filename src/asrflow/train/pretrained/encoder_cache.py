@@ -39,7 +39,7 @@ INDEX_FILE = "index.json"
 # Model options that change only the head or the training, not what the encoder computes: a cache stays
 # valid when they change.
 HEAD_ONLY_KEYS = frozenset({"dropout", "head_lstm_layers", "head_lstm_hidden", "freeze", "unfreeze_after_steps",
-                            "unfreeze_warmup_steps", "frozen_after_unfreeze", "pretrained_lr_scale",
+                            "unfreeze_warmup_steps", "frozen_after_unfreeze", "pretrained_lr_scale", "pretrained_lr_decay",
                             "gradient_checkpointing", "encoder_dropout", "attention_dropout"})
 
 

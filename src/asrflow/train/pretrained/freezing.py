@@ -14,6 +14,7 @@ Works for every asrflow model: models without a pretrained part (``AcousticModel
   saving is smaller (data, head and allreduce do not shrink), and the default does not use it: at equal
   time it was 1.9 points of dev CER worse (docs/results.md, "Session 10").
 * ``pretrained_lr_scale``: the LR multiplier of the pretrained part; 1 for everything else.
+* ``pretrained_lr_decay`` d: layer-wise LR decay of the pretrained part (:func:`param_groups`); 1: off.
 * ``unfreeze_warmup_steps`` W > 0: after unfreezing, the pretrained part's LR ramps up linearly over W
   steps (:func:`pretrained_lr_factor`) instead of jumping to its full value. Adam's first updates are
   about one LR in size for every weight, whatever its gradient, so a jump shakes the pretrained
@@ -114,15 +115,32 @@ def param_groups(model: nn.Module, lr_scale: float | None = None) -> list[dict[s
     Every parameter is in a group, frozen ones too, so that unfreezing needs no new optimizer groups.
     ``lr_scale`` defaults to the model config's ``pretrained_lr_scale``. Groups without parameters are
     left out. The trainer sets ``group["lr"] = lr * group["lr_scale"]`` each step.
+
+    With ``pretrained_lr_decay`` d < 1 (layer-wise LR decay, as ULMFiT's discriminative fine-tuning and
+    BEiT's recipe): one "pretrained" group per unit of ``freeze_units``, the top block and whatever lies
+    above it (a final norm) at ``lr_scale``, each unit below it d times lower, down to the stem at
+    ``lr_scale * d ** blocks``. The lowest blocks, which a few training voices pull furthest from what
+    pretraining learnt, move least.
     """
     scale = float(lr_scale if lr_scale is not None else _config(model).get("pretrained_lr_scale", 1.0))
+    decay = float(_config(model).get("pretrained_lr_decay", 1.0) or 1.0)
     pre = pretrained_parameters(model)
     pre_ids = {id(p) for p in pre}
     new = [p for p in model.parameters() if id(p) not in pre_ids]
     groups = []  # "new" first: param_groups[0]["lr"] stays the schedule's LR (what the trainer logs)
     if new:
         groups.append({"name": "new", "params": new, "lr_scale": 1.0})
-    if pre:
+    if pre and decay < 1.0 and hasattr(model, "freeze_units"):
+        stem, blocks = model.freeze_units()
+        units = [stem, *[[b] for b in blocks]]
+        depth = {id(p): d for d, unit in enumerate(units) for m in unit for p in m.parameters() if id(p) in pre_ids}
+        top = len(blocks)  # the last block's depth; what lies above the blocks trains at its rate
+        for d in range(top + 1):
+            params = [p for p in pre if depth.get(id(p), top) == d]
+            if params:
+                groups.append({"name": "pretrained", "params": params, "lr_scale": scale * decay ** (top - d),
+                               "depth": d})
+    elif pre:
         groups.append({"name": "pretrained", "params": pre, "lr_scale": scale})
     return groups
 

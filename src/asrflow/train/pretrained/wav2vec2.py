@@ -64,6 +64,7 @@ WAV2VEC2_DEFAULTS: dict[str, Any] = {
     "unfreeze_warmup_steps": 0,     # W: after unfreezing, the encoder's LR ramps up over W steps
     "frozen_after_unfreeze": None,  # k: CNN, projection, positional conv + first k layers stay frozen after unfreezing
     "pretrained_lr_scale": 0.1,
+    "pretrained_lr_decay": 1.0,
     "mask_time_prob": 0.05,
     "mask_time_length": 10,
     "mask_feature_prob": 0.0,

@@ -71,6 +71,7 @@ WHISPER_DEFAULTS: dict[str, Any] = {
     "unfreeze_warmup_steps": 0,     # W: after unfreezing, the encoder's LR ramps up over W steps
     "frozen_after_unfreeze": None,  # k: the convolutions + first k blocks stay frozen after unfreezing; None: nothing
     "pretrained_lr_scale": 0.1,     # LR multiplier of the checkpoint's parameters (the head gets 1)
+    "pretrained_lr_decay": 1.0,     # layer-wise LR decay: each unit below the top x this (1: one LR for all)
     "gradient_checkpointing": False,
 }
 
