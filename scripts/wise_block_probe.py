@@ -23,15 +23,15 @@ from asrflow.train.averaging import encoder_blocks, pretrained_part
 
 def depth_of(ckpt: dict) -> dict[str, int]:
     """Each pretrained tensor's depth: 0 the stem, i + 1 block i, blocks + 1 the rest of the encoder; the
-    units ``freeze: k`` and ``pretrained_share_blocks`` count (``freeze_units``)."""
+    units ``freeze: k`` and ``pretrained_share_blocks`` count (``unit_depths``)."""
     from asrflow.text import vocab_from_dict
     from asrflow.train.pretrained import build_pretrained_model
+    from asrflow.train.pretrained.freezing import unit_depths
 
-    model = build_pretrained_model(ckpt["model_config"], len(vocab_from_dict(ckpt["vocab"])))
-    stem, blocks = model.freeze_units()
-    unit = {id(p): d for d, modules in enumerate([stem, *[[b] for b in blocks]]) for m in modules for p in m.parameters()}
+    model = build_pretrained_model(ckpt["model_config"], len(vocab_from_dict(ckpt["vocab"])), load_weights=False)
+    depth, top = unit_depths(model), encoder_blocks(ckpt) + 1
     pretrained = pretrained_part(ckpt)
-    return {name: unit.get(id(p), len(blocks) + 1) for name, p in model.named_parameters() if name in pretrained}
+    return {name: depth.get(id(p), top) for name, p in model.named_parameters() if name in pretrained}
 
 
 def mix_by_depth(ckpt: dict, pretrained: dict[str, torch.Tensor], depth: dict[str, int], shares: list[float]) -> dict:

@@ -138,28 +138,35 @@ def averaged_summary(variant: str, parent_summaries: Sequence[str | Path]) -> di
             "stop_reason": "weights averaged over " + ", ".join(str(p.get("variant")) for p in parts)}
 
 
-def pretrained_part(ckpt: dict[str, Any], blocks: int | None = None) -> dict[str, torch.Tensor]:
-    """The pretrained encoder's own weights for the tensors of ``ckpt``'s pretrained part, read again from
-    the checkpoint its ``model_config`` names (a whisper_encoder or wav2vec2 model; no download). With
-    ``blocks`` k: only the tensors of the encoder's stem and its lowest k blocks (``freeze_units``, the
-    depth ``freeze: k`` uses); k equal to the encoder's block count (or None) keeps every pretrained tensor."""
+def _pretrained_model(ckpt: dict[str, Any]):
+    """A fresh model of ``ckpt``'s config with the pretrained weights read again from its checkpoint."""
     from asrflow.text import vocab_from_dict
     from asrflow.train.pretrained import build_pretrained_model
-    from asrflow.train.pretrained.freezing import pretrained_parameters
 
     config = ckpt["model_config"]
     if config.get("name") not in ("whisper_encoder", "wav2vec2"):
         raise CheckpointError(f"pretrained_share needs a model fine-tuned from a pretrained encoder "
                               f"(whisper_encoder, wav2vec2), not {config.get('name')!r}: it has nothing to mix back")
-    model = build_pretrained_model(config, len(vocab_from_dict(ckpt["vocab"])))
+    return build_pretrained_model(config, len(vocab_from_dict(ckpt["vocab"])))
+
+
+def pretrained_part(ckpt: dict[str, Any], blocks: int | None = None) -> dict[str, torch.Tensor]:
+    """The pretrained encoder's own weights for the tensors of ``ckpt``'s pretrained part, read again from
+    the checkpoint its ``model_config`` names (a whisper_encoder or wav2vec2 model; no download). With
+    ``blocks`` k: only the tensors of the encoder's stem and its lowest k blocks (``unit_depths``, the
+    depth ``freeze: k`` uses); k equal to the encoder's block count (or None) keeps every pretrained tensor."""
+    from asrflow.train.pretrained.freezing import pretrained_parameters, unit_depths
+
+    config = ckpt["model_config"]
+    model = _pretrained_model(ckpt)
     ids = {id(p) for p in pretrained_parameters(model)}
     if blocks is not None:
-        stem, layers = model.freeze_units()
-        if not 0 <= int(blocks) <= len(layers):
-            raise ValueError(f"pretrained_share_blocks: {blocks}, but the encoder has {len(layers)} blocks "
-                             f"(0 mixes the stem only, {len(layers)} every pretrained tensor)")
-        if int(blocks) < len(layers):
-            ids &= {id(p) for m in stem + layers[:int(blocks)] for p in m.parameters()}
+        n = len(model.freeze_units()[1])
+        if not 0 <= int(blocks) <= n:
+            raise ValueError(f"pretrained_share_blocks: {blocks}, but the encoder has {n} blocks "
+                             f"(0 mixes the stem only, {n} every pretrained tensor)")
+        if int(blocks) < n:
+            ids &= {i for i, depth in unit_depths(model).items() if depth <= int(blocks)}
     state = model.state_dict()
     part = {name: state[name] for name, p in model.named_parameters() if id(p) in ids}
     for name, v in part.items():
@@ -172,12 +179,7 @@ def pretrained_part(ckpt: dict[str, Any], blocks: int | None = None) -> dict[str
 
 def encoder_blocks(ckpt: dict[str, Any]) -> int:
     """How many blocks the pretrained encoder of ``ckpt`` has (what ``pretrained_share_blocks`` counts)."""
-    config = ckpt["model_config"]
-    key = {"whisper_encoder": "num_layers", "wav2vec2": "encoder_num_layers"}.get(config.get("name"))
-    if key is None or key not in config:
-        raise CheckpointError(f"pretrained_share needs a model fine-tuned from a pretrained encoder "
-                              f"(whisper_encoder, wav2vec2), not {config.get('name')!r}: it has nothing to mix back")
-    return int(config[key])
+    return len(_pretrained_model(ckpt).freeze_units()[1])
 
 
 def mix_with_pretrained(ckpt: dict[str, Any], pretrained: dict[str, torch.Tensor], share: float) -> dict[str, Any]:

@@ -109,6 +109,14 @@ def pretrained_parameters(model: nn.Module) -> list[nn.Parameter]:
     return []
 
 
+def unit_depths(model: nn.Module) -> dict[int, int]:
+    """``id(parameter) -> depth`` for the encoder units of ``freeze_units``: 0 the stem, i + 1 block i. What
+    ``freeze: k``, layer-wise LR decay and ``pretrained_share_blocks`` count; parameters outside the units
+    (a final norm, the head) are absent."""
+    stem, blocks = model.freeze_units()
+    return {id(p): d for d, unit in enumerate([stem, *[[b] for b in blocks]]) for m in unit for p in m.parameters()}
+
+
 def param_groups(model: nn.Module, lr_scale: float | None = None) -> list[dict[str, Any]]:
     """Optimizer groups: ``[{"name": "new", "params", "lr_scale": 1}, {"name": "pretrained", "params", "lr_scale"}]``.
 
@@ -131,10 +139,8 @@ def param_groups(model: nn.Module, lr_scale: float | None = None) -> list[dict[s
     if new:
         groups.append({"name": "new", "params": new, "lr_scale": 1.0})
     if pre and decay < 1.0 and hasattr(model, "freeze_units"):
-        stem, blocks = model.freeze_units()
-        units = [stem, *[[b] for b in blocks]]
-        depth = {id(p): d for d, unit in enumerate(units) for m in unit for p in m.parameters() if id(p) in pre_ids}
-        top = len(blocks)  # the last block's depth; what lies above the blocks trains at its rate
+        depth = unit_depths(model)
+        top = len(model.freeze_units()[1])  # the last block's depth; what lies above the blocks trains at its rate
         for d in range(top + 1):
             params = [p for p in pre if depth.get(id(p), top) == d]
             if params:
