@@ -53,7 +53,7 @@ with step_run(smk, "average_models") as run:
               for i, parent in enumerate(averaged["averaged_from"])})
     if grid:
         chosen = averaged["pretrained_share"]
-        run.params({"pretrained_share.grid": ",".join(f"{row['share']:g}" for row in grid if row["blocks"] == grid[-1]["blocks"]),
+        run.params({"pretrained_share.grid": ",".join(f"{share:g}" for share in sorted(set(shares))),
                     "pretrained_share.blocks_grid": ",".join(sorted({str(row["blocks"]) for row in grid}, key=int)),
                     "pretrained_share.chosen": chosen["chosen"], "pretrained_share.blocks": chosen["blocks"]})
         run.metrics({f"pretrained_share.{row['share']:g}.blocks{row['blocks']}.dev_cer": row["cer"] for row in grid})
