@@ -1,0 +1,220 @@
+"""The held-out voice family, measured on enough utterances to tell models apart.
+
+The test set has about 33 utterances of the voice family training never hears (``ked_diphone``), so its
+CER there is known to about +-2.5 points (95%), and models one or two points apart cannot be ranked on
+it. This evaluation synthesizes many more (``--utterances``, 400 by default): every speaker setting of
+the family but dev's, sentences no split of the given corpora speaks (extra training sentences included),
+the corpus's gains and telephone share. They go through prep's own resampling and loudness step
+(``resample_one``) and the evaluation's own path (``load_waves``, ``compute_emissions``, greedy with the
+blank penalty the evaluation chose on dev, from ``decoding.json``), so a figure here differs from the test
+set's only by the utterances. It prints each model's greedy CER with a bootstrap 95% interval (resampling
+utterances), and each model's difference from the first one, paired over the same utterances.
+
+    python -m asrflow.evaluate.held_out_voice --corpus results/corpus/manifest.jsonl --out results/held_out_voice \\
+        whisper_tiny=results/train/whisper_tiny/model.pt whisper_tiny_lowwise=results/train/whisper_tiny_lowwise/model.pt
+
+``--from-manifest results/prep/truncated.jsonl`` scores the test set's own held-out-voice utterances
+instead: the same figure the evaluation reports (a check that this path is the evaluation's).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from asrflow.audio import AudioError
+from asrflow.corpus.sentences import load_sentences
+from asrflow.corpus.synth import held_out_voice_slots, render_slots, require_engines, resolve_preset
+from asrflow.evaluate.run import DECODING_FILE, compute_emissions, greedy, load_waves
+from asrflow.evaluate.scoring import score_utterance
+from asrflow.manifest import Utterance, read_manifest, read_records, write_json, write_manifest
+from asrflow.prep.resample import ResampleSettings, resample_one
+from asrflow.transcribe import load_model
+
+DEFAULT_UTTERANCES = 400
+BOOTSTRAP_DRAWS = 2000
+
+
+def spoken_sentences_and_dev_speakers(corpus_manifests: Sequence[Path]) -> tuple[set[str], set[str]]:
+    """Every sentence the corpora speak (each segment of a long utterance too), and dev's speakers."""
+    sentences, dev_speakers = set(), set()
+    for path in corpus_manifests:
+        for rec in read_records(path):
+            sentences.update(seg[2] for seg in rec.get("segments") or [[0, 0, rec["text"]]])
+            if rec["split"] == "dev":
+                dev_speakers.add(rec["speaker"])
+    return sentences, dev_speakers
+
+
+def make_held_out_voice_set(out_dir: Path, corpus_manifests: Sequence[Path], n: int, seed: int = 1234,
+                            preset: str | dict = "default", settings: ResampleSettings | None = None,
+                            jobs: int = 1) -> tuple[list[Utterance], list[dict]]:
+    """Synthesize ``n`` held-out-voice utterances into ``out_dir/wav`` and prepare them as prep does into
+    ``out_dir/prep``; returns the prepared utterances and the ones prep quarantined (with the reason)."""
+    cfg = resolve_preset(preset)
+    require_engines({name.partition(":")[0] for name in cfg["held_out_voices"]})
+    spoken, dev_speakers = spoken_sentences_and_dev_speakers(corpus_manifests)
+    slots = held_out_voice_slots(cfg, seed, n, load_sentences(cfg["min_words"], cfg["max_words"]), spoken,
+                                 dev_speakers)
+    records = render_slots(slots, out_dir / "wav", cfg, jobs)
+    write_manifest(out_dir / "manifest.jsonl", records)
+    settings = settings or ResampleSettings()
+    prepared, quarantined = [], []
+    with tempfile.TemporaryDirectory(prefix="asrflow-held-out-") as work:
+        for rec in records:
+            dst = out_dir / "prep" / f"{rec['id']}.wav"
+            try:
+                info = resample_one(out_dir / rec["audio"], dst, settings, Path(work))
+            except AudioError as exc:  # reported, never dropped silently
+                quarantined.append({"id": rec["id"], "reason": str(exc)})
+                continue
+            utt = Utterance.from_dict({**rec, "audio": str(dst), "duration": info["duration"],
+                                       "sample_rate": settings.sample_rate})
+            prepared.append(utt)
+    write_manifest(out_dir / "prep.jsonl", prepared)
+    return prepared, quarantined
+
+
+def held_out_test_utterances(prepared_manifest: Path) -> list[Utterance]:
+    """The test split's own held-out-voice utterances, from a prepared manifest."""
+    return [u for u in read_manifest(prepared_manifest) if u.split == "test" and u.extra.get("held_out_family")]
+
+
+def blank_penalty_of(model_path: Path, decoding: Path | None = None) -> float:
+    """The greedy blank penalty the evaluation chose on dev: ``decoding.json`` beside the model's evaluation
+    (``results/eval/<variant>/``, found from ``results/train/<variant>/model.pt``), else the one given."""
+    path = decoding or model_path.parent.parent.parent / "eval" / model_path.parent.name / DECODING_FILE
+    if not path.is_file():
+        raise SystemExit(f"{model_path}: no {path} (evaluate the model first, or give name=model.pt:decoding.json)")
+    return float(json.loads(path.read_text())["blank_penalty"])
+
+
+@dataclass
+class ModelScores:
+    name: str
+    blank_penalty: float
+    char_errors: np.ndarray  # per utterance, in the order of the utterances scored
+    ref_chars: np.ndarray
+    hyps: dict[str, str]
+
+    @property
+    def cer(self) -> float:
+        return float(self.char_errors.sum() / self.ref_chars.sum())
+
+
+def score_model(name: str, model_path: Path, utts: Sequence[Utterance], blank_penalty: float,
+                batch_size: int = 16) -> ModelScores:
+    """Greedy CER per utterance, by the evaluation's own functions."""
+    model = load_model(model_path)
+    em = compute_emissions(model, load_waves(utts, model.frontend), batch_size)
+    hyps = greedy(model, em, blank_penalty)
+    stats = [score_utterance(u.text, hyps[u.id]).chars for u in utts]
+    return ModelScores(name, blank_penalty, np.array([s.errors for s in stats]), np.array([s.ref_len for s in stats]),
+                       hyps)
+
+
+def bootstrap_indices(n: int, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> np.ndarray:
+    """(draws, n) utterance indices drawn with replacement; shared by every model so differences pair up."""
+    return np.random.default_rng(seed).integers(0, n, size=(draws, n))
+
+
+def interval(errors: np.ndarray, lengths: np.ndarray, idx: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval of the corpus CER (errors over characters) over the resamples ``idx``."""
+    rates = errors[idx].sum(axis=1) / lengths[idx].sum(axis=1)
+    lo, hi = np.percentile(rates, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_interval(a: ModelScores, b: ModelScores, idx: np.ndarray) -> tuple[float, float, float]:
+    """CER(b) - CER(a) and its 95% interval, both computed on the same resampled utterances."""
+    diff = lambda e_a, e_b, n: e_b.sum(axis=-1) / n.sum(axis=-1) - e_a.sum(axis=-1) / n.sum(axis=-1)  # noqa: E731
+    point = float(diff(a.char_errors, b.char_errors, a.ref_chars))
+    lo, hi = np.percentile(diff(a.char_errors[idx], b.char_errors[idx], a.ref_chars[idx]), [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+def report(scores: list[ModelScores], draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> dict:
+    n = len(scores[0].ref_chars)
+    idx = bootstrap_indices(n, draws, seed)
+    base = scores[0]
+    rows = []
+    for s in scores:
+        lo, hi = interval(s.char_errors, s.ref_chars, idx)
+        d, dlo, dhi = paired_interval(base, s, idx)
+        rows.append({"model": s.name, "cer": s.cer, "cer_95": [lo, hi], "blank_penalty": s.blank_penalty,
+                     f"minus_{base.name}": d, f"minus_{base.name}_95": [dlo, dhi]})
+    return {"utterances": n, "ref_chars": int(base.ref_chars.sum()), "bootstrap_draws": draws, "models": rows}
+
+
+def format_table(rep: dict) -> str:
+    base = rep["models"][0]["model"]
+    lines = [f"{rep['utterances']} utterances, {rep['ref_chars']} characters; 95% intervals from "
+             f"{rep['bootstrap_draws']} bootstrap resamples of the utterances",
+             f"| model | greedy CER | 95% interval | minus {base} (paired 95%) |", "|---|---|---|---|"]
+    for r in rep["models"]:
+        lo, hi = r["cer_95"]
+        d, (dlo, dhi) = r[f"minus_{base}"], r[f"minus_{base}_95"]
+        lines.append(f"| {r['model']} | {100 * r['cer']:.2f}% | {100 * lo:.1f}-{100 * hi:.1f} | "
+                     f"{100 * d:+.2f} ({100 * dlo:+.1f} to {100 * dhi:+.1f}) |")
+    return "\n".join(lines)
+
+
+def parse_model(spec: str) -> tuple[str, Path, Path | None]:
+    """``name=path/model.pt`` or ``name=path/model.pt:path/decoding.json``."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise SystemExit(f"model {spec!r}: expected name=path/model.pt[:decoding.json]")
+    model, _, decoding = rest.partition(":")
+    if not Path(model).is_file():
+        raise SystemExit(f"model {name}: {model} does not exist")
+    return name, Path(model), Path(decoding) if decoding else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="name=path/model.pt[:decoding.json]; the first is the baseline")
+    ap.add_argument("--corpus", type=Path, action="append", default=[],
+                    help="corpus manifest(s) whose sentences and dev speakers the new set avoids (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path("results/held_out_voice"))
+    ap.add_argument("--utterances", type=int, default=DEFAULT_UTTERANCES)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--from-manifest", type=Path, default=None,
+                    help="score this prepared manifest's test held-out-voice utterances instead of new ones")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, args.jobs))
+    models = [parse_model(m) for m in args.models]
+    quarantined: list[dict] = []
+    if args.from_manifest:
+        utts = held_out_test_utterances(args.from_manifest)
+    else:
+        if not args.corpus:
+            raise SystemExit("--corpus: give the manifest(s) of every corpus the models trained on, "
+                             "so that no sentence of theirs is scored")
+        utts, quarantined = make_held_out_voice_set(args.out, args.corpus, args.utterances, args.seed, jobs=args.jobs)
+    if quarantined:
+        print(f"{len(quarantined)} utterance(s) quarantined by prep, not scored: {quarantined}", file=sys.stderr)
+    utts = sorted(utts, key=lambda u: u.id)
+    scores = [score_model(name, path, utts, blank_penalty_of(path, dec)) for name, path, dec in models]
+    rep = {**report(scores), "quarantined": quarantined,
+           "source": str(args.from_manifest) if args.from_manifest else "synthesized", "seed": args.seed}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "report.json", rep)
+    with open(args.out / "hypotheses.jsonl", "w", encoding="utf-8") as f:
+        for s in scores:
+            for u in utts:
+                f.write(json.dumps({"model": s.name, "id": u.id, "speaker": u.speaker, "ref": u.text,
+                                    "hyp": s.hyps[u.id]}) + "\n")
+    print(format_table(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
