@@ -62,5 +62,6 @@ rule all:
         data_prep_outputs(),
         trained_models(),
         evaluations(),
+        held_out_voice_outputs(),
         "results/report/ablations.md",
         "results/benchmark/benchmark.md",

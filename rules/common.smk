@@ -38,6 +38,15 @@ def embedded_corpus_preset(corpus):
     return {"base": name, **overrides} if overrides else name
 
 
+def held_out_voice_enabled(config):
+    """The held-out voice set needs the embedded generator (it synthesizes the family) and a count."""
+    return config["corpus"]["source"] == "embedded" and config["evaluation"].get("held_out_voice_utterances", 0) > 0
+
+
+def held_out_voice_outputs():
+    return ["results/held_out_voice/report.md"] if held_out_voice_enabled(config) else []
+
+
 def evaluations():
     return expand("results/eval/{variant}/metrics.json", variant=config["training"]["run_variants"])
 

@@ -104,3 +104,64 @@ rule ablation_table:
         "../envs/tracking.yaml"
     script:
         f"{SCRIPTS}/ablation_table.py"
+
+
+# The held-out voice family on many more utterances than test's ~33 (whose CER is known to about +-2.5
+# points): evaluation.held_out_voice_utterances of them, embedded corpus only (asrflow.evaluate.held_out_voice).
+if held_out_voice_enabled(config):
+
+    rule held_out_voice_set:
+        input:
+            corpus="results/corpus/manifest.jsonl",
+        output:
+            manifest="results/held_out_voice/prep.jsonl",
+            quarantined="results/held_out_voice/quarantined.json",
+        log:
+            "logs/eval/held_out_voice_set.log",
+        benchmark:
+            "benchmarks/eval/held_out_voice_set.tsv"
+        params:
+            utterances=config["evaluation"]["held_out_voice_utterances"],
+            preset=embedded_corpus_preset(config["corpus"]),
+            seed=config["seed"],
+            sample_rate=config["prep"]["sample_rate"],
+            target_rms_dbfs=config["prep"]["target_rms_dbfs"],
+            peak_ceiling_dbfs=config["prep"]["peak_ceiling_dbfs"],
+            silence_dbfs=config["prep"]["silence_dbfs"],
+            min_dynamic_range_db=config["prep"]["min_dynamic_range_db"],
+            clip_fraction=config["prep"]["clip_fraction"],
+            min_duration=config["prep"]["min_duration"],
+        threads: 2
+        resources:
+            mem_mb=2000,
+            runtime=20,
+        conda:
+            "../envs/audio.yaml"
+        script:
+            f"{SCRIPTS}/held_out_voice_set.py"
+
+    rule held_out_voice:
+        input:
+            set="results/held_out_voice/prep.jsonl",
+            models=expand("results/train/{variant}/model.pt", variant=config["training"]["run_variants"]),
+            # the blank penalty each evaluation chose on dev
+            decodings=expand("results/eval/{variant}/decoding.json", variant=config["training"]["run_variants"]),
+        output:
+            report="results/held_out_voice/report.json",
+            table=report("results/held_out_voice/report.md", category="Evaluation",
+                         labels={"table": "held-out voice, many utterances"}),
+            hyps="results/held_out_voice/hypotheses.jsonl",
+        log:
+            "logs/eval/held_out_voice.log",
+        benchmark:
+            "benchmarks/eval/held_out_voice.tsv"
+        params:
+            variants=config["training"]["run_variants"],
+        threads: 2
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        conda:
+            "../envs/evaluation.yaml"
+        script:
+            f"{SCRIPTS}/held_out_voice.py"

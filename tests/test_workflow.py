@@ -92,7 +92,8 @@ def test_second_invocation_does_nothing(tracked_run):
 def test_changing_a_bucketing_parameter_reruns_only_bucketing_and_what_follows(tracked_run):
     proc = snakemake(tracked_run["work"], "-n", env=tracked_run["env"], override="bucketing: {frame_budget: 7000}\n")
     jobs = planned_jobs(proc.stdout + proc.stderr)
-    assert set(jobs) == {"bucketing", "data_report", "train", "evaluate", "ablation_table", "benchmark", "all"}, jobs
+    assert set(jobs) == {"bucketing", "data_report", "train", "evaluate", "ablation_table", "benchmark",
+                         "held_out_voice", "all"}, jobs
 
 
 def test_changing_an_evaluation_parameter_does_not_retrain(tracked_run):
@@ -107,7 +108,8 @@ def test_every_step_is_in_one_mlflow_experiment(tracked_run):
     runs = client.search_runs([exp.experiment_id], "tags.`asrflow.invocation` = 'test-invocation'", max_results=500)
     steps = {r.data.tags["asrflow.step"] for r in runs}
     assert {"make_embedded_corpus", "synthesize_noise", "fetch_demand", "resample", "merge_resampled", "truncate",
-            "vocab", "phone_lexicon", "bucketing", "noise_manifest", "data_report", "cmvn", "train"} <= steps
+            "vocab", "phone_lexicon", "bucketing", "noise_manifest", "data_report", "cmvn", "train",
+            "held_out_voice_set", "held_out_voice"} <= steps
     assert all(r.info.status == "FINISHED" for r in runs)
     by_step = {r.data.tags["asrflow.step"]: r for r in runs}
     trunc = by_step["truncate"]
@@ -174,6 +176,30 @@ def test_evaluation_outputs(tracked_run):
         assert (work / "results/eval/full" / png).read_bytes()[:4] == b"\x89PNG"
     assert "| full |" in (work / "results/report/ablations.md").read_text()
     assert "utt/s" in (work / "results/benchmark/benchmark.md").read_text()
+
+
+def test_the_held_out_voice_set_is_new_audio_of_the_unheard_family_and_every_variant_is_scored(tracked_run):
+    work = tracked_run["work"]
+    corpus = read_records(work / "results/corpus/manifest.jsonl")
+    spoken = {seg[2] for r in corpus for seg in r["segments"]}
+    dev_speakers = {r["speaker"] for r in corpus if r["split"] == "dev"}
+    made = read_manifest(work / "results/held_out_voice/prep.jsonl")
+    quarantined = json.loads((work / "results/held_out_voice/quarantined.json").read_text())
+    assert len(made) + len(quarantined) == 6
+    for u in made:
+        assert u.extra["held_out_family"] and u.extra["voice"] == "ked_diphone" and u.sample_rate == 16000
+        assert u.text not in spoken and u.speaker not in dev_speakers
+    rep = json.loads((work / "results/held_out_voice/report.json").read_text())
+    assert [r["model"] for r in rep["models"]] == ["full"] and rep["utterances"] == len(made)
+    decoding = json.loads((work / "results/eval/full/decoding.json").read_text())
+    assert rep["models"][0]["blank_penalty"] == decoding["blank_penalty"]
+    lo, hi = rep["models"][0]["cer_95"]
+    assert lo <= rep["models"][0]["cer"] <= hi
+    assert "| full |" in (work / "results/held_out_voice/report.md").read_text()
+    client = MlflowClient(tracked_run["uri"])
+    exp = client.get_experiment_by_name("asrflow-small")
+    run = client.search_runs([exp.experiment_id], "tags.`asrflow.step` = 'held_out_voice'")[0]
+    assert run.data.metrics["full.cer"] == pytest.approx(rep["models"][0]["cer"])
 
 
 def test_the_snakemake_report_builds(tracked_run):

@@ -79,6 +79,7 @@ def make_held_out_voice_set(out_dir: Path, corpus_manifests: Sequence[Path], n: 
                                        "sample_rate": settings.sample_rate})
             prepared.append(utt)
     write_manifest(out_dir / "prep.jsonl", prepared)
+    write_json(out_dir / "quarantined.json", quarantined)
     return prepared, quarantined
 
 
@@ -177,6 +178,27 @@ def parse_model(spec: str) -> tuple[str, Path, Path | None]:
     return name, Path(model), Path(decoding) if decoding else None
 
 
+def score_models(models: Sequence[tuple[str, Path, Path | None]], utts: Sequence[Utterance],
+                 threads: int = 1) -> tuple[dict, list[ModelScores]]:
+    """Every model on the same utterances (sorted by id), the first as the baseline of the paired intervals."""
+    torch.set_num_threads(max(1, threads))
+    utts = sorted(utts, key=lambda u: u.id)
+    scores = [score_model(name, path, utts, blank_penalty_of(path, dec)) for name, path, dec in models]
+    return report(scores), scores
+
+
+def write_report(out_dir: Path, rep: dict, scores: Sequence[ModelScores], utts: Sequence[Utterance]) -> None:
+    """``report.json``, ``report.md`` (the table) and every hypothesis (``hypotheses.jsonl``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "report.json", rep)
+    (out_dir / "report.md").write_text(format_table(rep) + "\n", encoding="utf-8")
+    with open(out_dir / "hypotheses.jsonl", "w", encoding="utf-8") as f:
+        for s in scores:
+            for u in sorted(utts, key=lambda u: u.id):
+                f.write(json.dumps({"model": s.name, "id": u.id, "speaker": u.speaker, "ref": u.text,
+                                    "hyp": s.hyps[u.id]}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="name=path/model.pt[:decoding.json]; the first is the baseline")
@@ -189,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-manifest", type=Path, default=None,
                     help="score this prepared manifest's test held-out-voice utterances instead of new ones")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, args.jobs))
     models = [parse_model(m) for m in args.models]
     quarantined: list[dict] = []
     if args.from_manifest:
@@ -201,17 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         utts, quarantined = make_held_out_voice_set(args.out, args.corpus, args.utterances, args.seed, jobs=args.jobs)
     if quarantined:
         print(f"{len(quarantined)} utterance(s) quarantined by prep, not scored: {quarantined}", file=sys.stderr)
-    utts = sorted(utts, key=lambda u: u.id)
-    scores = [score_model(name, path, utts, blank_penalty_of(path, dec)) for name, path, dec in models]
-    rep = {**report(scores), "quarantined": quarantined,
-           "source": str(args.from_manifest) if args.from_manifest else "synthesized", "seed": args.seed}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "report.json", rep)
-    with open(args.out / "hypotheses.jsonl", "w", encoding="utf-8") as f:
-        for s in scores:
-            for u in utts:
-                f.write(json.dumps({"model": s.name, "id": u.id, "speaker": u.speaker, "ref": u.text,
-                                    "hyp": s.hyps[u.id]}) + "\n")
+    rep, scores = score_models(models, utts, args.jobs)
+    rep.update(quarantined=quarantined, seed=args.seed,
+               source=str(args.from_manifest) if args.from_manifest else "synthesized")
+    write_report(args.out, rep, scores, utts)
     print(format_table(rep))
     return 0
 
