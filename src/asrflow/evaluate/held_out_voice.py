@@ -75,12 +75,12 @@ def make_held_out_voice_set(out_dir: Path, corpus_manifests: Sequence[Path], n: 
             except AudioError as exc:  # reported, never dropped silently
                 quarantined.append({"id": rec["id"], "reason": str(exc)})
                 continue
-            utt = Utterance.from_dict({**rec, "audio": str(dst), "duration": info["duration"],
-                                       "sample_rate": settings.sample_rate})
-            prepared.append(utt)
+            # audio relative to the manifest's folder, as every manifest of the workflow has it
+            prepared.append({**rec, "audio": f"prep/{dst.name}", "duration": info["duration"],
+                             "sample_rate": settings.sample_rate})
     write_manifest(out_dir / "prep.jsonl", prepared)
     write_json(out_dir / "quarantined.json", quarantined)
-    return prepared, quarantined
+    return read_manifest(out_dir / "prep.jsonl"), quarantined
 
 
 def held_out_test_utterances(prepared_manifest: Path) -> list[Utterance]:
