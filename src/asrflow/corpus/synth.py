@@ -40,7 +40,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -397,10 +397,17 @@ def _held_out_dev_slots(cfg: dict[str, Any], seed: int, test_speakers: list[Spea
     dev_sentences = sorted({t for slot in planned if slot.split == "dev" and not slot.long for t in slot.sentences})
     if n > len(dev_sentences):
         raise CorpusError(f"n_dev_held_out: {n} asked for, but dev has only {len(dev_sentences)} sentences")
+    return _one_sentence_slots(cfg, rng, "dev", dev_sentences, n, lambda k: speakers)
+
+
+def _one_sentence_slots(cfg: dict[str, Any], rng: np.random.Generator, split: str, sentences: list[str], n: int,
+                        speakers_for: Callable[[int], list[Speaker]]) -> list[Slot]:
+    """``n`` one-sentence slots on sentences drawn without replacement, the k-th slot's speaker picked from
+    ``speakers_for(k)``; gains and the telephone share drawn as the corpus draws them."""
     lo, hi = cfg["gain_db"]
     slots = []
-    for i in rng.choice(len(dev_sentences), size=n, replace=False):
-        slot = Slot(split="dev", speaker=_pick(rng, speakers, "held-out dev"), sentences=[dev_sentences[int(i)]])
+    for k, i in enumerate(rng.choice(len(sentences), size=n, replace=False)):
+        slot = Slot(split=split, speaker=_pick(rng, speakers_for(k), f"{split} slot"), sentences=[sentences[int(i)]])
         slot.gain_db = round(float(rng.uniform(lo, hi)), 1)
         slots.append(slot)
     _flag_random(rng, slots, round(n * cfg["telephone_fraction"]), "telephone")
@@ -425,15 +432,8 @@ def _extra_voice_slots(cfg: dict[str, Any], seed: int, planned: list[Slot], pool
     fresh = [t for t in pool if t not in spoken]
     if n > len(fresh):
         raise CorpusError(f"n_extra_voice_train: {n} asked for, but only {len(fresh)} sentences are unspoken")
-    lo, hi = cfg["gain_db"]
-    slots = []
-    for k, i in enumerate(rng.choice(len(fresh), size=n, replace=False)):
-        speakers = families[k % len(families)]  # the families take turns: equal shares
-        slot = Slot(split="train", speaker=_pick(rng, speakers, "extra voice"), sentences=[fresh[int(i)]])
-        slot.gain_db = round(float(rng.uniform(lo, hi)), 1)
-        slots.append(slot)
-    _flag_random(rng, slots, round(n * cfg["telephone_fraction"]), "telephone")
-    return slots
+    # the families take turns: equal shares
+    return _one_sentence_slots(cfg, rng, "train", fresh, n, lambda k: families[k % len(families)])
 
 
 def held_out_voice_slots(cfg: dict[str, Any], seed: int, n: int, pool: list[str], exclude_sentences: set[str],
@@ -458,13 +458,7 @@ def held_out_voice_slots(cfg: dict[str, Any], seed: int, n: int, pool: list[str]
     fresh = [t for t in pool if t not in exclude_sentences]
     if n > len(fresh):
         raise CorpusError(f"{n} held-out voice utterances asked for, but only {len(fresh)} sentences are unspoken")
-    lo, hi = cfg["gain_db"]
-    slots = []
-    for i in rng.choice(len(fresh), size=n, replace=False):
-        slot = Slot(split="test", speaker=_pick(rng, grid, "held-out voice"), sentences=[fresh[int(i)]])
-        slot.gain_db = round(float(rng.uniform(lo, hi)), 1)
-        slots.append(slot)
-    _flag_random(rng, slots, round(n * cfg["telephone_fraction"]), "telephone")
+    slots = _one_sentence_slots(cfg, rng, "test", fresh, n, lambda k: grid)
     _number_by_speaker(slots)
     return slots
 
