@@ -134,6 +134,20 @@ def test_the_set_is_made_and_prepared_as_the_corpus_and_prep_do_and_scored(tmp_p
     assert rep["models"][0]["cer"] == pytest.approx(score_corpus([h["ref"] for h in a], [h["hyp"] for h in a]).cer)
 
 
+def test_making_the_set_needs_no_torch_and_the_decoding_file_is_the_evaluations():
+    """The rule held_out_voice_set runs in envs/audio.yaml, which has no torch."""
+    import subprocess
+    import sys
+
+    from asrflow.evaluate.run import DECODING_FILE
+
+    assert hov.DECODING_FILE == DECODING_FILE
+    code = ("import sys; sys.modules['torch'] = None; "  # any import of torch now fails
+            "from asrflow.evaluate.held_out_voice import make_held_out_voice_set")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_a_model_without_its_evaluation_is_a_clear_error(tmp_path):
     (tmp_path / "train" / "m").mkdir(parents=True)
     model = tmp_path / "train" / "m" / "model.pt"

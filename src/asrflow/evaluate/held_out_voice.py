@@ -27,16 +27,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from asrflow.audio import AudioError
 from asrflow.corpus.sentences import load_sentences
 from asrflow.corpus.synth import held_out_voice_slots, render_slots, require_engines, resolve_preset
-from asrflow.evaluate.run import DECODING_FILE, compute_emissions, greedy, load_waves
-from asrflow.evaluate.scoring import score_utterance
 from asrflow.manifest import Utterance, read_manifest, read_records, write_json, write_manifest
 from asrflow.prep.resample import ResampleSettings, resample_one
-from asrflow.transcribe import load_model
+
+# Making the set needs only the audio tools (the rule held_out_voice_set runs in envs/audio.yaml, without
+# torch); scoring imports the evaluation's functions where it needs them.
+DECODING_FILE = "decoding.json"  # asrflow.evaluate.run.DECODING_FILE (tests check they agree)
 
 DEFAULT_UTTERANCES = 400
 BOOTSTRAP_DRAWS = 2000
@@ -113,6 +113,10 @@ class ModelScores:
 def score_model(name: str, model_path: Path, utts: Sequence[Utterance], blank_penalty: float,
                 batch_size: int = 16) -> ModelScores:
     """Greedy CER per utterance, by the evaluation's own functions."""
+    from asrflow.evaluate.run import compute_emissions, greedy, load_waves
+    from asrflow.evaluate.scoring import score_utterance
+    from asrflow.transcribe import load_model
+
     model = load_model(model_path)
     em = compute_emissions(model, load_waves(utts, model.frontend), batch_size)
     hyps = greedy(model, em, blank_penalty)
@@ -181,6 +185,8 @@ def parse_model(spec: str) -> tuple[str, Path, Path | None]:
 def score_models(models: Sequence[tuple[str, Path, Path | None]], utts: Sequence[Utterance],
                  threads: int = 1) -> tuple[dict, list[ModelScores]]:
     """Every model on the same utterances (sorted by id), the first as the baseline of the paired intervals."""
+    import torch
+
     torch.set_num_threads(max(1, threads))
     utts = sorted(utts, key=lambda u: u.id)
     scores = [score_model(name, path, utts, blank_penalty_of(path, dec)) for name, path, dec in models]
