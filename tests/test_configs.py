@@ -53,6 +53,8 @@ def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp
                          "whisper_tiny_s3", "whisper_tiny_vtlp_s3"}),
     # VTLP on the long recipe, in place of its whisper_tiny, and its mix with Whisper's weights
     (("long_cpu.yaml", "long_cpu_vtlp.yaml"), {"whisper_tiny_vtlp", "whisper_tiny_vtlp_wise", "whisper_tiny_vtlp_lowwise"}),
+    # the default with twice its share of the wheel voices (a corpus change only)
+    ("more_voices_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise"}),
     # the long VTLP recipe with the wheel voices in its corpus, and layer-wise LR decay on top of that
     (("long_cpu.yaml", "long_cpu_vtlp.yaml", "long_cpu_voices.yaml"), {"whisper_tiny_vtlp", "whisper_tiny_vtlp_lowwise"}),
     (("long_cpu.yaml", "long_cpu_vtlp.yaml", "long_cpu_voices.yaml", "long_cpu_voices_llrd.yaml"),
