@@ -46,7 +46,7 @@ REQUIRED_KEYS = {"model", "vocab", "model_config"}
 TRAINING_ONLY_KEYS = frozenset({"freeze", "unfreeze_after_steps", "unfreeze_warmup_steps", "frozen_after_unfreeze",
                                 "pretrained_lr_scale", "pretrained_lr_decay", "gradient_checkpointing", "dropout", "encoder_dropout",
                                 "attention_dropout", "freeze_feature_encoder", "mask_time_prob", "mask_time_length",
-                                "mask_feature_prob", "mask_feature_length"})
+                                "mask_feature_prob", "mask_feature_length", "decoder"})
 
 
 def load_parent(path: str | Path) -> tuple[Path, dict[str, Any]]:

@@ -49,6 +49,8 @@ class Batch:
     # the transcripts' espeak-ng phones (asrflow.phones), for a run with an auxiliary phone CTC head
     phone_targets: torch.Tensor | None = None      # (B, P) int64, padded with 0
     phone_target_lens: torch.Tensor | None = None  # (B,)
+    # the transcripts themselves, for a loss that tokenizes them its own way (Whisper's auxiliary decoder)
+    texts: list[str] | None = None
 
     @property
     def audio_seconds(self) -> float:
@@ -59,7 +61,7 @@ class Batch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(self.ids, pin(self.waves), pin(self.wave_lens), pin(self.targets), pin(self.target_lens),
                      self.dialects, pin(self.encoded), pin(self.encoded_lens), pin(self.phone_targets),
-                     pin(self.phone_target_lens))
+                     pin(self.phone_target_lens), self.texts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +149,7 @@ class BatchReader(torch.utils.data.Dataset):
         if self.phones is not None:
             phones, phone_lens = pad_targets([self.phones.encode(m.text) for m in metas])
         return Batch(ids, padded, lens, targets, tlens, [m.dialect for m in metas], hidden, hidden_lens,
-                     phones, phone_lens)
+                     phones, phone_lens, [m.text for m in metas])
 
     def __len__(self) -> int:  # DataLoader asks; sampling is by request, never by position
         return len(self.index) if self.index is not None else 0

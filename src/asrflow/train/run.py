@@ -84,6 +84,7 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     index, dev_ids = load_index(args.manifest, args.plan, params, plan)
     cmvn = GlobalCMVN.load(args.cmvn)
     phones = open_phone_lexicon(args, params)
+    check_decoder_loss(params)
     torch.manual_seed(params.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
     model = build_model(params.model, len(vocab), params.n_mels, cmvn=cmvn).to(device)
     loader = BatchLoader(index, vocab, workers=params.loader_workers,
@@ -149,12 +150,31 @@ def load_index(manifest: Path, plan_path: Path, params: TrainParams,
     return index, dev_ids
 
 
+def check_decoder_loss(params: TrainParams) -> None:
+    """A Whisper decoder without a loss weight would never train; a weight without one would do nothing."""
+    from asrflow.train.trainer import auxiliary_ctc_weights
+
+    from asrflow.train.pretrained.whisper_decoder import decoder_mode
+
+    weight = auxiliary_ctc_weights(params.loss)[2]
+    mode = decoder_mode(params.model)
+    if mode != "none" and weight <= 0:
+        raise ValueError(f"model.decoder is {mode} but loss.decoder_weight is 0: the decoder would do nothing; "
+                         "set the weight (e.g. 0.3) or remove decoder")
+    if weight > 0 and mode == "none":
+        raise ValueError(f"loss.decoder_weight is {weight} but the model has no decoder (whisper_encoder with "
+                         "decoder: frozen or trained)")
+    if mode != "none":
+        log.info("auxiliary Whisper decoder (%s): loss = %.2f x CTC + %.2f x decoder cross-entropy", mode, 1 - weight,
+                 weight)
+
+
 def open_phone_lexicon(args: argparse.Namespace, params: TrainParams):
     """The phone lexicon of a run whose model has an auxiliary phone CTC head, else None. Sets the
     model config's ``phone_vocab_size`` from it, so the exported model rebuilds with the same head."""
     from asrflow.train.trainer import auxiliary_ctc_weights
 
-    _, phone_weight = auxiliary_ctc_weights(params.loss)
+    _, phone_weight, _ = auxiliary_ctc_weights(params.loss)
     layer = int(params.model.get("phone_ctc_layer", 0) or 0)
     if layer and phone_weight <= 0:
         raise ValueError(f"model.phone_ctc_layer is {layer} but loss.phone_ctc_weight is 0: the phone head would "
@@ -207,9 +227,10 @@ def export_model(ctx: Context, state, path: Path) -> None:
     best = ctx.out_dir / "checkpoints" / "best.pt"
     weights = torch.load(best, map_location="cpu", weights_only=False)["model"] if best.exists() else ctx.model.state_dict()
     tmp = path.with_name(f".{path.name}.tmp")
-    from asrflow.train.pretrained import exportable_model_config
+    from asrflow.train.pretrained import exportable_model_config, exportable_weights
 
-    torch.save({"model": weights, "model_config": exportable_model_config(ctx.model, ctx.params.model),
+    config = exportable_model_config(ctx.model, ctx.params.model)
+    torch.save({"model": exportable_weights(config, weights), "model_config": config,
                 "n_mels": ctx.params.n_mels, "mlflow_run_id": ctx.tracker.run.info.run_id if getattr(ctx.tracker, "run", None) is not None else None,
                 "vocab": ctx.vocab.to_dict(), "sample_rate": SAMPLE_RATE, "params": ctx.params.to_dict(),
                 "frontend": ctx.frontend.to_dict(), "history": state.history}, tmp)

@@ -144,11 +144,13 @@ def forward_batch(model, batch: Batch, logmel, aug, device, amp_dtype):
 
 
 def compute_loss(model, loss_fn, batch: Batch, logmel, aug, device, amp_dtype, weights, inter_ctc_weight: float = 0.0,
-                 phone_ctc_weight: float = 0.0):
-    """The training loss of one batch. Auxiliary CTC heads share the weight with the final one:
-    (1 - wi - wp)·loss(final) + wi·loss(intermediate) + wp·loss(phones), with an intermediate CTC head
-    (``model.inter_ctc_layer``, Lee & Watanabe 2021) and a phone CTC head (``model.phone_ctc_layer``,
-    on the batch's espeak-ng phone targets, :mod:`asrflow.phones`)."""
+                 phone_ctc_weight: float = 0.0, decoder_weight: float = 0.0):
+    """The training loss of one batch. Auxiliary losses share the weight with the final CTC head:
+    (1 - wi - wp - wd)·loss(final) + wi·loss(intermediate) + wp·loss(phones) + wd·CE(decoder), with an
+    intermediate CTC head (``model.inter_ctc_layer``, Lee & Watanabe 2021), a phone CTC head
+    (``model.phone_ctc_layer``, on the batch's espeak-ng phone targets, :mod:`asrflow.phones`) and
+    Whisper's pretrained decoder (``model.decoder``, hybrid CTC/attention,
+    :mod:`asrflow.train.pretrained.whisper_decoder`)."""
     log_probs, out_lens = forward_batch(model, batch, logmel, aug, device, amp_dtype)
     w = torch.tensor([weights[d] for d in batch.dialects], device=device) if weights else None
     targets, target_lens = batch.targets.to(device), batch.target_lens.to(device)
@@ -165,17 +167,25 @@ def compute_loss(model, loss_fn, batch: Batch, logmel, aug, device, amp_dtype, w
         total = total + phone_ctc_weight * loss_fn(phones, out_lens, batch.phone_targets.to(device),
                                                    batch.phone_target_lens.to(device), w).loss
         final_weight -= phone_ctc_weight
+    if decoder_weight > 0 and getattr(model, "decoder", None) is not None:
+        if batch.texts is None:
+            raise ValueError("the model has an auxiliary decoder but the batch carries no transcripts")
+        with autocast_context(device, amp_dtype):
+            total = total + decoder_weight * model.decoder_loss(batch.texts)
+        final_weight -= decoder_weight
     out.loss = final_weight * out.loss + total
     return out
 
 
-def auxiliary_ctc_weights(loss_cfg: dict) -> tuple[float, float]:
-    """(intermediate, phone) CTC weights of the loss config; together they must leave the final head a
-    positive weight."""
+def auxiliary_ctc_weights(loss_cfg: dict) -> tuple[float, float, float]:
+    """(intermediate CTC, phone CTC, decoder) weights of the loss config; together they must leave the final
+    CTC head a positive weight."""
     inter, phone = float(loss_cfg.get("inter_ctc_weight", 0.0)), float(loss_cfg.get("phone_ctc_weight", 0.0))
-    if inter < 0 or phone < 0 or inter + phone >= 1:
-        raise ValueError(f"loss.inter_ctc_weight ({inter}) + loss.phone_ctc_weight ({phone}) must be in [0, 1)")
-    return inter, phone
+    decoder = float(loss_cfg.get("decoder_weight", 0.0))
+    if inter < 0 or phone < 0 or decoder < 0 or inter + phone + decoder >= 1:
+        raise ValueError(f"loss.inter_ctc_weight ({inter}) + loss.phone_ctc_weight ({phone}) + loss.decoder_weight "
+                         f"({decoder}) must be in [0, 1)")
+    return inter, phone, decoder
 
 
 def agree_on_step(value: torch.Tensor, world: World, stop_vote: bool = False) -> tuple[bool, bool]:

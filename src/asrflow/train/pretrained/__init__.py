@@ -45,7 +45,7 @@ from asrflow.train.models import PRETRAINED_MODEL_NAMES  # noqa: E402  (one list
 
 __all__ = [
     "PRETRAINED_MODEL_NAMES", "CheckpointError", "InitReport", "apply_freeze_schedule", "build_pretrained_model",
-    "bundled_whisper_tiny_en", "exportable_model_config", "frozen_parameters_at", "init_from_asrflow",
+    "bundled_whisper_tiny_en", "exportable_model_config", "exportable_weights", "frozen_parameters_at", "init_from_asrflow",
     "param_groups", "pretrained_lr_factor", "register_unfrozen_parameters", "resolve_pretrained_config",
     "waveform_frontend",
 ]
@@ -116,7 +116,17 @@ def waveform_frontend(model: nn.Module) -> nn.Module | None:
 def exportable_model_config(model: nn.Module, fallback: dict[str, Any]) -> dict[str, Any]:
     """What ``model.pt``'s ``model_config`` should hold: the resolved config for pretrained models (so the
     model rebuilds without its checkpoint), else ``fallback`` (the params' model config)."""
-    return dict(getattr(model, "model_config", None) or fallback)
+    config = dict(getattr(model, "model_config", None) or fallback)
+    if config.get("name") == "whisper_encoder" and "decoder" in config:  # training-only: model.pt holds none
+        config["decoder"] = "none"
+    return config
+
+
+def exportable_weights(model_config: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+    """A trained state dict less what training alone used (a whisper_encoder's auxiliary ``decoder.*``)."""
+    if model_config.get("name") == "whisper_encoder":
+        return {k: v for k, v in weights.items() if not k.startswith("decoder.")}
+    return weights
 
 
 def bundled_whisper_tiny_en() -> Path | None:

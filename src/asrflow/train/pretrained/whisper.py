@@ -73,6 +73,10 @@ WHISPER_DEFAULTS: dict[str, Any] = {
     "pretrained_lr_scale": 0.1,     # LR multiplier of the checkpoint's parameters (the head gets 1)
     "pretrained_lr_decay": 1.0,     # layer-wise LR decay: each unit below the top x this (1: one LR for all)
     "gradient_checkpointing": False,
+    # Whisper's own pretrained text decoder from the same checkpoint, as an auxiliary attention loss
+    # (loss.decoder_weight; hybrid CTC/attention as ESPnet trains it): "none", "frozen" or "trained"
+    # (asrflow.train.pretrained.whisper_decoder). Training only: model.pt has no decoder, inference stays CTC.
+    "decoder": "none",
 }
 
 
@@ -149,13 +153,16 @@ class WhisperAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                memory: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over ``x``, or (the decoder's cross-attention) attention from ``x`` to ``memory``."""
         b, t, d = x.shape
+        kv = x if memory is None else memory
 
         def heads(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+            return y.view(b, y.size(1), self.num_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            scale=self.head_dim ** -0.5)
@@ -254,6 +261,22 @@ class WhisperCTC(nn.Module):
             dim = self.head_lstm.output_dim
         self.dropout = nn.Dropout(cfg["dropout"])
         self.head = nn.Linear(dim, vocab_size)
+        # the training-only auxiliary decoder (``decoder: frozen | trained``; attach_decoder) and the encoder output of
+        # the last forward pass, which its loss reads (as a conformer keeps its intermediate log-probs)
+        self.decoder: nn.Module | None = None
+        self.text_tokens = None
+        self.last_encoded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def attach_decoder(self, decoder: nn.Module, text_tokens) -> None:
+        self.decoder, self.text_tokens = decoder, text_tokens
+
+    def decoder_loss(self, texts: list[str]) -> torch.Tensor:
+        """The auxiliary decoder's cross-entropy on the last forward pass's encoder output (loss.decoder_weight)."""
+        from asrflow.train.pretrained.whisper_decoder import decoder_loss
+
+        if self.decoder is None or self.last_encoded is None:
+            raise RuntimeError("decoder_loss needs a model built with a decoder (frozen or trained), after a forward pass")
+        return decoder_loss(self.decoder, self.text_tokens, texts, *self.last_encoded)
 
     subsampling_factor = 2  # output frames per front-end frame (20 ms each)
 
@@ -262,14 +285,17 @@ class WhisperCTC(nn.Module):
 
     def pretrained_modules(self) -> list[nn.Module]:
         """What the checkpoint provides (gets ``pretrained_lr_scale``); empty for a random init."""
-        return [self.encoder] if self.model_config.get("checkpoint") else []
+        if not self.model_config.get("checkpoint"):
+            return []
+        trained_decoder = self.decoder is not None and self.model_config.get("decoder") == "trained"
+        return [self.encoder] + ([self.decoder] if trained_decoder else [])
 
     def freeze_units(self) -> tuple[list[nn.Module], list[nn.Module]]:
         """(the convolutional stem, the blocks in order); ``freeze: k`` freezes the stem and blocks[:k]."""
         return [self.encoder.conv1, self.encoder.conv2], list(self.encoder.layers)
 
     def always_frozen_modules(self) -> list[nn.Module]:
-        return []
+        return [self.decoder] if self.decoder is not None and self.model_config.get("decoder") == "frozen" else []
 
     def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor,
                 normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,6 +310,7 @@ class WhisperCTC(nn.Module):
     def forward_encoded(self, hidden: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The trainable head on (possibly cached) ``encode`` output -> (log_probs fp32, out_lens)."""
         x = hidden
+        self.last_encoded = (hidden, lens) if self.decoder is not None else None
         if self.head_lstm is not None:
             x, lens = self.head_lstm(x, lens)
         logits = self.head(self.dropout(x))
@@ -476,6 +503,9 @@ def resolve_whisper_config(cfg: dict[str, Any]) -> dict[str, Any]:
                 c[k] = int(arch[k])
     if c["checkpoint"]:
         c["checkpoint"] = str(c["checkpoint"])
+    from asrflow.train.pretrained.whisper_decoder import decoder_mode
+
+    c["decoder"] = decoder_mode(c)
     return c
 
 
@@ -496,4 +526,10 @@ def build_whisper_model(c: dict[str, Any], vocab_size: int, load_weights: bool =
         model.encoder.load_state_dict(state)
         model.model_config["checkpoint_format"] = fmt
         log.info("whisper_encoder: loaded %d encoder tensors from %s (%s)", len(state), where, fmt)
+    if c["decoder"] != "none":  # its architecture comes from the checkpoint, so it is read even for a resume
+        from asrflow.train.pretrained.whisper_decoder import load_whisper_decoder
+
+        if not c.get("checkpoint"):
+            raise ValueError(f"whisper_encoder: decoder: {c['decoder']} needs a checkpoint (Whisper's pretrained decoder)")
+        model.attach_decoder(*load_whisper_decoder(c["checkpoint"], c["checkpoint_format"], int(c["d_model"])))
     return model
