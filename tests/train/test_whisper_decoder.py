@@ -231,6 +231,26 @@ def test_exported_model_has_no_decoder_and_rebuilds_without_it(hf_whisper_decode
         torch.testing.assert_close(rebuilt(feats, torch.tensor([60]))[0], model(feats, torch.tensor([60]))[0])
 
 
+def test_init_from_an_exported_model_keeps_whispers_decoder(hf_whisper_decoder, tmp_path):
+    """A model.pt has no decoder; a child with one starts from the parent's encoder and Whisper's decoder."""
+    from asrflow.train.pretrained import init_from_asrflow
+
+    folder, _ = hf_whisper_decoder
+    cfg = {"name": "whisper_encoder", "checkpoint": str(folder), "decoder": "trained"}
+    parent = build_model(cfg, len(VOCAB), 80)
+    with torch.no_grad():
+        parent.encoder.layers[0].fc1.weight.add_(1.0)  # "fine-tuned"
+    config = exportable_model_config(parent, {})
+    torch.save({"model": exportable_weights(config, parent.state_dict()), "model_config": config,
+                "vocab": VOCAB.to_dict()}, tmp_path / "model.pt")
+    child = build_model(cfg, len(VOCAB), 80)
+    whisper_decoder = {k: v.clone() for k, v in child.decoder.state_dict().items()}
+    report = init_from_asrflow(child, tmp_path / "model.pt", VOCAB)
+    assert report.head_loaded
+    assert torch.equal(child.encoder.layers[0].fc1.weight, parent.encoder.layers[0].fc1.weight)
+    assert all(torch.equal(v, whisper_decoder[k]) for k, v in child.decoder.state_dict().items())
+
+
 def test_decoder_weight_and_decoder_must_come_together():
     from asrflow.train.params import TrainParams
     from asrflow.train.run import check_decoder_loss

@@ -30,6 +30,8 @@ HEAD_PREFIXES = ("head.", "inter_head.", "condition.")  # the layers whose shape
 # a training-only head on another unit inventory (asrflow.phones): never carried over, since the
 # parent's phone inventory is not this run's; the child's own starts fresh
 FRESH_PREFIXES = ("phone_head.",)
+# a whisper_encoder's auxiliary decoder: training-only, so no model.pt has it; it keeps Whisper's weights
+AUXILIARY_PREFIXES = ("decoder.",)
 
 
 @dataclass
@@ -109,7 +111,8 @@ def init_from_asrflow(model: nn.Module, path: str | Path, vocab: Any, load_cmvn:
             problems.append(f"{k}: {tuple(v.shape)} in the parent, {tuple(own[k].shape)} in the new model")
         else:
             to_load[k] = v
-    missing = sorted(k for k in own if k not in parent_state and not k.startswith(HEAD_PREFIXES + FRESH_PREFIXES + ("cmvn.",)))
+    missing = sorted(k for k in own if k not in parent_state
+                     and not k.startswith(HEAD_PREFIXES + FRESH_PREFIXES + AUXILIARY_PREFIXES + ("cmvn.",)))
     problems += [f"{k} (missing in the parent)" for k in missing]
     if problems:
         raise CheckpointError(f"{p}: its architecture ({ckpt['model_config']}) does not match the new model's: "
