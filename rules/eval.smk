@@ -66,6 +66,7 @@ rule evaluate:
         cmudict_path=config["evaluation"].get("cmudict_path"),
         beam_sizes=config["evaluation"].get("beam_sizes"),
         blank_penalties=config["evaluation"].get("blank_penalties", [0.0]),
+        test_time_adaptation=config["evaluation"].get("test_time_adaptation"),
         # the front end of models exported without a "frontend" entry: the prep settings
         sample_rate=config["prep"]["sample_rate"],
         target_rms_dbfs=config["prep"]["target_rms_dbfs"],

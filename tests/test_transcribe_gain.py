@@ -8,6 +8,7 @@ the original level and 20 dB louder and quieter.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,53 @@ def test_transcribe_of_a_file_equals_the_evaluation_path(trained, tmp_path, caps
         assert out == {str(u.audio): expected[u.id] for u in test}
     with pytest.raises(SystemExit, match="no such file"):
         transcribe_main(["--model", str(trained["model"]), "--decoding", str(tmp_path / "none.json"), test[0].audio])
+
+
+def test_test_time_adaptation_is_chosen_on_dev_and_followed_by_held_out_voice_and_transcribe(trained, tmp_path, capsys):
+    """evaluate() tries each adaptation setting on dev (none first), keeps the lowest CER, decodes test with
+    it and writes it to decoding.json; transcribe --decoding and the held-out-voice scorer then adapt alike."""
+    from asrflow.data.demand import write_noise_manifest
+    from asrflow.evaluate.adaptation import AdaptSettings, adapted_emissions
+    from asrflow.evaluate.held_out_voice import score_models
+    from asrflow.evaluate.run import EvalSettings, evaluate, greedy, load_waves
+
+    model = load_model(trained["model"])
+    utts = [Utterance(id=f"t{k:02d}", audio=str(path), text=ref, duration=1.0, sample_rate=SR, speaker="s1",
+                      dialect="d1", split="test" if k < 6 else "dev", extra={"engine": "tones"})
+            for k, (ref, path) in enumerate(zip(trained["refs"][:12], trained["files"]["-20"][:12]))]
+    manifest = tmp_path / "manifest.jsonl"
+    write_manifest(manifest, utts, relative_audio=False)
+    noise_path = tmp_path / "noise.wav"
+    sf.write(noise_path, (0.05 * np.random.default_rng(3).standard_normal(2 * SR)).astype(np.float32), SR)
+    noise_manifest = tmp_path / "noise.jsonl"
+    write_noise_manifest(noise_manifest, [{"id": "demand-PARK-ch01", "env": "PARK", "channel": 1, "audio": str(noise_path),
+                                           "duration": 2.0, "sample_rate": SR, "split": "heldout", "rms_dbfs": -26.0}])
+    adapt = AdaptSettings(2, 1e-3, 2.5, "all")
+    grid = (AdaptSettings(0), adapt)
+    metrics = evaluate(trained["model"], manifest, noise_manifest, None, tmp_path / "eval",
+                       EvalSettings(snr_levels=(), threads=1, blank_penalties=(0.0, 1.0), adaptation=grid))
+    rows = metrics["greedy_tuning"]["adaptation"]["grid"]
+    assert [r["steps"] for r in rows] == [0, 2]
+    best = min(rows, key=lambda r: r["cer"])  # a tie keeps no adaptation
+    assert metrics["greedy_tuning"]["adaptation"]["chosen"]["steps"] == best["steps"]
+    assert metrics["greedy_tuning"]["cer"] == best["cer"]
+
+    # a grid of the adapted setting alone: test is decoded adapted, and everything downstream follows
+    out = tmp_path / "eval_adapted"
+    metrics = evaluate(trained["model"], manifest, noise_manifest, None, out,
+                       EvalSettings(snr_levels=(), threads=1, blank_penalties=(0.0, 1.0), adaptation=(adapt,)))
+    penalty = metrics["greedy_tuning"]["blank_penalty"]
+    saved = json.loads((out / "decoding.json").read_text())
+    assert saved["adaptation"] == adapt.to_dict()
+    test = [u for u in utts if u.split == "test"]
+    expected = greedy(model, adapted_emissions(model, load_waves(test, model.frontend), adapt), penalty)
+    records = read_records(out / "hypotheses.jsonl")
+    assert {r["id"]: r["hyp"] for r in records if r["decoder"] == "greedy"} == expected
+    cli = _transcribe_cli(capsys, ["--model", str(trained["model"]), "--decoding", str(out / "decoding.json"),
+                                   *[u.audio for u in test]])
+    assert cli == {u.audio: expected[u.id] for u in test}
+    plain = _transcribe_cli(capsys, ["--model", str(trained["model"]), "--decoding", str(out / "decoding.json"),
+                                     "--adapt-steps", "0", *[u.audio for u in test]])
+    assert plain == {u.audio: transcribe(model, [u.audio], blank_penalty=penalty)[0] for u in test}
+    rep, scores = score_models([("m", Path(trained["model"]), out / "decoding.json")], test)
+    assert scores[0].adaptation == adapt.to_dict() and scores[0].hyps == expected

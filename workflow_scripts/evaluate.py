@@ -1,6 +1,7 @@
 """Snakemake job: WER/CER of one trained model, clean and at fixed SNRs, greedy and with the LM."""
 from pathlib import Path
 
+from asrflow.evaluate.adaptation import settings_grid
 from asrflow.evaluate.run import EvalSettings, evaluate
 from asrflow.loudness import Frontend
 from asrflow.workflow import step_run
@@ -12,7 +13,7 @@ settings = EvalSettings(snr_levels=tuple(p.snr_levels), beam_size=p.beam_size, b
                         dev_tune_utterances=p.dev_tune_utterances, lm_conditions=tuple(str(c) for c in p.lm_conditions),
                         seed=p.seed, threads=smk.threads, lexicon=p.lexicon, cmudict_path=p.cmudict_path,
                         beam_sizes=tuple(p.beam_sizes) if p.beam_sizes else None,
-                        blank_penalties=tuple(p.blank_penalties),
+                        blank_penalties=tuple(p.blank_penalties), adaptation=settings_grid(p.test_time_adaptation),
                         frontend=Frontend(sample_rate=p.sample_rate, target_rms_dbfs=p.target_rms_dbfs,
                                           peak_ceiling_dbfs=p.peak_ceiling_dbfs))
 out_dir = Path(smk.output.metrics).parent

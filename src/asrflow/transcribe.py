@@ -89,14 +89,23 @@ def emissions(model: Recognizer, waves: list[torch.Tensor]) -> tuple[torch.Tenso
 def transcribe(model: Recognizer, paths: list[str | Path], lm_path: str | Path | None = None,
                lm_weight: float = 1.0, word_score: float = 0.0, beam_size: int = 50, lexicon: str = "none",
                cmudict_path: str | Path | None = None, blank_penalty: float = 0.0,
-               beam_size_token: int | None = None) -> list[str]:
+               beam_size_token: int | None = None, adaptation: dict | None = None) -> list[str]:
     """Greedy without ``lm_path`` (``blank_penalty``: see ``greedy_decode``); else LM beam search,
     lexicon-free (``lexicon="none"``) or over the LM's words (``"lm_vocab"``) plus the CMU dictionary's
-    (``"cmudict"``)."""
+    (``"cmudict"``). ``adaptation``: test-time adaptation to each file first (asrflow.evaluate.adaptation)."""
+    from asrflow.evaluate.adaptation import AdaptSettings, adapted_log_probs
     from asrflow.evaluate.decoding import BeamSearchDecoder, LexiconBeamSearchDecoder, greedy_decode, lexicon_words
 
     waves = [load_for_model(p, model.frontend) for p in paths]
-    log_probs, out_lens = emissions(model, waves)
+    adapt = AdaptSettings.from_dict(adaptation)
+    if adapt.enabled:  # each file on its own, from the trained weights
+        rows = [adapted_log_probs(model, w, adapt) for w in waves]
+        out_lens = torch.tensor([len(r) for r in rows])
+        log_probs = torch.zeros(len(rows), int(out_lens.max()), rows[0].size(-1))
+        for i, r in enumerate(rows):
+            log_probs[i, : len(r)] = r
+    else:
+        log_probs, out_lens = emissions(model, waves)
     if lm_path is None:
         return greedy_decode(log_probs, out_lens, model.vocab, blank_penalty)
     if lexicon != "none":
@@ -111,7 +120,7 @@ def transcribe(model: Recognizer, paths: list[str | Path], lm_path: str | Path |
 
 # transcribe()'s decoding options and their values when neither --decoding nor a flag sets them
 DECODING_DEFAULTS = {"lm": None, "lexicon": "none", "cmudict": None, "lm_weight": 1.0, "word_score": 0.0,
-                     "beam_size": 50, "beam_size_token": None, "blank_penalty": 0.0}
+                     "beam_size": 50, "beam_size_token": None, "blank_penalty": 0.0, "adaptation": None}
 
 
 def decoding_options(decoding_file: str | Path | None, flags: dict) -> dict:
@@ -135,6 +144,11 @@ def decoding_options(decoding_file: str | Path | None, flags: dict) -> dict:
     opts.update({k: v for k, v in flags.items() if k in opts and v is not None})
     if flags.get("no_lm"):
         opts["lm"] = None
+    if flags.get("adapt_steps") is not None:  # --adapt-steps 0 turns the file's adaptation off
+        opts["adaptation"] = {**(opts["adaptation"] or {"lr": 1e-5, "temperature": 2.5, "parameters": "all"}),
+                              "steps": flags["adapt_steps"]}
+        if flags.get("adapt_lr") is not None:
+            opts["adaptation"]["lr"] = flags["adapt_lr"]
     return opts
 
 
@@ -156,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cmudict", default=None, help="CMU dictionary file (default: the pocketsphinx package's)")
     ap.add_argument("--blank-penalty", type=float, default=None,
                     help="greedy: subtracted from blank's log-probability on every frame (default 0)")
+    ap.add_argument("--adapt-steps", type=int, default=None,
+                    help="test-time adaptation: this many entropy-minimization steps on each file before decoding "
+                         "(0: none; default: what --decoding chose on dev, else none)")
+    ap.add_argument("--adapt-lr", type=float, default=None, help="with --adapt-steps (default 1e-5)")
     args = ap.parse_args(argv)
     opts = decoding_options(args.decoding, vars(args))
     model = load_model(args.model)
     texts = transcribe(model, args.audio, opts["lm"], opts["lm_weight"], opts["word_score"], opts["beam_size"],
                        lexicon=opts["lexicon"], cmudict_path=opts["cmudict"], blank_penalty=opts["blank_penalty"],
-                       beam_size_token=opts["beam_size_token"])
+                       beam_size_token=opts["beam_size_token"], adaptation=opts["adaptation"])
     for path, text in zip(args.audio, texts):
         print(f"{path}\t{text}")
     return 0

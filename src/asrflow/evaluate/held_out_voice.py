@@ -88,13 +88,18 @@ def held_out_test_utterances(prepared_manifest: Path) -> list[Utterance]:
     return [u for u in read_manifest(prepared_manifest) if u.split == "test" and u.extra.get("held_out_family")]
 
 
-def blank_penalty_of(model_path: Path, decoding: Path | None = None) -> float:
-    """The greedy blank penalty the evaluation chose on dev: ``decoding.json`` beside the model's evaluation
-    (``results/eval/<variant>/``, found from ``results/train/<variant>/model.pt``), else the one given."""
+def decoding_of(model_path: Path, decoding: Path | None = None) -> dict:
+    """What the evaluation chose on dev (the greedy blank penalty, test-time adaptation): ``decoding.json``
+    beside the model's evaluation (``results/eval/<variant>/``, found from ``results/train/<variant>/model.pt``),
+    else the one given."""
     path = decoding or model_path.parent.parent.parent / "eval" / model_path.parent.name / DECODING_FILE
     if not path.is_file():
         raise SystemExit(f"{model_path}: no {path} (evaluate the model first, or give name=model.pt:decoding.json)")
-    return float(json.loads(path.read_text())["blank_penalty"])
+    return json.loads(path.read_text())
+
+
+def blank_penalty_of(model_path: Path, decoding: Path | None = None) -> float:
+    return float(decoding_of(model_path, decoding)["blank_penalty"])
 
 
 @dataclass
@@ -104,6 +109,7 @@ class ModelScores:
     char_errors: np.ndarray  # per utterance, in the order of the utterances scored
     ref_chars: np.ndarray
     hyps: dict[str, str]
+    adaptation: dict | None = None  # the test-time adaptation decoded with (None: none)
 
     @property
     def cer(self) -> float:
@@ -111,18 +117,24 @@ class ModelScores:
 
 
 def score_model(name: str, model_path: Path, utts: Sequence[Utterance], blank_penalty: float,
-                batch_size: int = 16) -> ModelScores:
-    """Greedy CER per utterance, by the evaluation's own functions."""
+                batch_size: int = 16, adapt=None) -> ModelScores:
+    """Greedy CER per utterance, by the evaluation's own functions; with ``adapt`` (an
+    :class:`~asrflow.evaluate.adaptation.AdaptSettings`), after test-time adaptation to each utterance."""
+    from asrflow.evaluate.adaptation import adapted_emissions
     from asrflow.evaluate.run import compute_emissions, greedy, load_waves
     from asrflow.evaluate.scoring import score_utterance
     from asrflow.transcribe import load_model
 
     model = load_model(model_path)
-    em = compute_emissions(model, load_waves(utts, model.frontend), batch_size)
+    waves = load_waves(utts, model.frontend)
+    if adapt is not None and adapt.enabled:
+        em = adapted_emissions(model, waves, adapt)
+    else:
+        em = compute_emissions(model, waves, batch_size)
     hyps = greedy(model, em, blank_penalty)
     stats = [score_utterance(u.text, hyps[u.id]).chars for u in utts]
     return ModelScores(name, blank_penalty, np.array([s.errors for s in stats]), np.array([s.ref_len for s in stats]),
-                       hyps)
+                       hyps, adapt.to_dict() if adapt is not None and adapt.enabled else None)
 
 
 def bootstrap_indices(n: int, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> np.ndarray:
@@ -154,7 +166,7 @@ def report(scores: list[ModelScores], draws: int = BOOTSTRAP_DRAWS, seed: int = 
         lo, hi = interval(s.char_errors, s.ref_chars, idx)
         d, dlo, dhi = paired_interval(base, s, idx)
         rows.append({"model": s.name, "cer": s.cer, "cer_95": [lo, hi], "blank_penalty": s.blank_penalty,
-                     f"minus_{base.name}": d, f"minus_{base.name}_95": [dlo, dhi]})
+                     "adaptation": s.adaptation, f"minus_{base.name}": d, f"minus_{base.name}_95": [dlo, dhi]})
     return {"utterances": n, "ref_chars": int(base.ref_chars.sum()), "bootstrap_draws": draws, "models": rows}
 
 
@@ -183,13 +195,21 @@ def parse_model(spec: str) -> tuple[str, Path, Path | None]:
 
 
 def score_models(models: Sequence[tuple[str, Path, Path | None]], utts: Sequence[Utterance],
-                 threads: int = 1) -> tuple[dict, list[ModelScores]]:
-    """Every model on the same utterances (sorted by id), the first as the baseline of the paired intervals."""
+                 threads: int = 1, adapt: dict | None = None) -> tuple[dict, list[ModelScores]]:
+    """Every model on the same utterances (sorted by id), the first as the baseline of the paired intervals,
+    each decoded as its evaluation chose on dev (``decoding.json``: blank penalty, test-time adaptation);
+    ``adapt``: name -> AdaptSettings overriding a model's adaptation (``AdaptSettings(0)``: none)."""
     import torch
+
+    from asrflow.evaluate.adaptation import AdaptSettings
 
     torch.set_num_threads(max(1, threads))
     utts = sorted(utts, key=lambda u: u.id)
-    scores = [score_model(name, path, utts, blank_penalty_of(path, dec)) for name, path, dec in models]
+    scores = []
+    for name, path, dec in models:
+        chosen = decoding_of(path, dec)
+        settings = (adapt or {}).get(name, AdaptSettings.from_dict(chosen.get("adaptation")))
+        scores.append(score_model(name, path, utts, float(chosen["blank_penalty"]), adapt=settings))
     return report(scores), scores
 
 
@@ -216,8 +236,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--from-manifest", type=Path, default=None,
                     help="score this prepared manifest's test held-out-voice utterances instead of new ones")
+    ap.add_argument("--adapted", nargs="+", default=[], metavar="NAME",
+                    help="score these models after test-time adaptation (asrflow.evaluate.adaptation); the same "
+                         "model.pt may be listed twice under two names, once adapted, for a paired comparison")
+    ap.add_argument("--unadapted", nargs="+", default=[], metavar="NAME",
+                    help="score these models without test-time adaptation, whatever their decoding.json says")
+    ap.add_argument("--adapt-steps", type=int, default=3)
+    ap.add_argument("--adapt-lr", type=float, default=1e-5)
+    ap.add_argument("--adapt-parameters", default="all", choices=["norms", "all"])
+    ap.add_argument("--adapt-temperature", type=float, default=2.5)
     args = ap.parse_args(argv)
     models = [parse_model(m) for m in args.models]
+    unknown = sorted(set(args.adapted + args.unadapted) - {name for name, _, _ in models})
+    if unknown:
+        raise SystemExit(f"--adapted/--unadapted {unknown}: not among the models' names")
+    from asrflow.evaluate.adaptation import AdaptSettings
+
+    settings = AdaptSettings(args.adapt_steps, args.adapt_lr, args.adapt_temperature, args.adapt_parameters)
+    adapt = {name: settings for name in args.adapted} | {name: AdaptSettings(0) for name in args.unadapted}
     quarantined: list[dict] = []
     if args.from_manifest:
         utts = held_out_test_utterances(args.from_manifest)
@@ -228,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         utts, quarantined = make_held_out_voice_set(args.out, args.corpus, args.utterances, args.seed, jobs=args.jobs)
     if quarantined:
         print(f"{len(quarantined)} utterance(s) quarantined by prep, not scored: {quarantined}", file=sys.stderr)
-    rep, scores = score_models(models, utts, args.jobs)
+    rep, scores = score_models(models, utts, args.jobs, adapt)
     rep.update(quarantined=quarantined, seed=args.seed,
                source=str(args.from_manifest) if args.from_manifest else "synthesized")
     write_report(args.out, rep, scores, utts)

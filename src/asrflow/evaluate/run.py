@@ -25,6 +25,7 @@ from asrflow.loudness import Frontend
 from asrflow.manifest import Utterance, read_manifest, write_json, write_manifest
 from asrflow.evaluate.decoding import (BeamSearchDecoder, LexiconBeamSearchDecoder, arpa_vocabulary, greedy_decode,
                                        lexicon_words, oov_rate, spell, tune_lm_weights, weight_grid)
+from asrflow.evaluate.adaptation import AdaptSettings, adapted_emissions
 from asrflow.evaluate.scoring import score_by_group, score_corpus
 from asrflow.train.augment import noise_recordings
 from asrflow.transcribe import Recognizer, emissions, load_for_model, load_model
@@ -54,6 +55,9 @@ class EvalSettings:
     beam_sizes: Sequence[int] | None = None
     # greedy decoding's blank penalty, chosen by CER on the whole dev set (greedy costs nothing to repeat)
     blank_penalties: Sequence[float] = (0.0,)
+    # test-time adaptation settings (asrflow.evaluate.adaptation) dev chooses from, with the blank penalty;
+    # the first is no adaptation
+    adaptation: Sequence[AdaptSettings] = (AdaptSettings(0),)
 
 
 def speaker_group(u: Utterance) -> str:
@@ -190,10 +194,9 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
     by_id = {u.id: u for u in test}
     noises = noise_recordings(noise_manifest, "heldout")
 
-    # everything the decoders choose is chosen on dev: the blank penalty on all of it, the LM on a subset
-    dev_em = compute_emissions(model, load_waves(dev, model.frontend), s.batch_size) if dev else {}
-    greedy_tuning = tune_blank_penalty(model, dev_em, {u.id: u.text for u in dev}, s.blank_penalties,
-                                       {u.id: speaker_group(u) for u in dev})
+    # everything the decoders choose is chosen on dev: test-time adaptation and the blank penalty on all of
+    # it, the LM on a subset
+    adapt, greedy_tuning, dev_em = tune_adaptation(model, dev, s)
     blank_penalty = greedy_tuning["blank_penalty"]
     base = lm_decoder(model, lm_path, s) if lm_path else None
     tuning = tune_on_dev(model, dev, base, s, dev_em or None) if base is not None else None
@@ -212,7 +215,7 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
         t0 = time.time()
         waves = clean_waves if snr is None else normalize_waves(mix_condition(clean_waves, noises, snr, s.seed),
                                                                  model.frontend)
-        em = compute_emissions(model, waves, s.batch_size)
+        em = model_emissions(model, waves, adapt, s.batch_size)
         hyps = {"greedy": greedy(model, em, blank_penalty)}
         if decoder is not None and cond in s.lm_conditions:
             hyps["lm"] = {uid: decoder.decode(lp)[0] for uid, lp in em.items()}
@@ -228,19 +231,50 @@ def evaluate(model_path: Path, manifest: Path, noise_manifest: Path, lm_path: Pa
         metrics["test_oov"] = oov
         metrics["headline"]["test_oov_rate"] = oov["oov_rate"]
     write_outputs(out_dir, records, metrics)
-    write_json(out_dir / DECODING_FILE, decoding_settings(out_dir, blank_penalty, lm_path, tuning, s))
+    write_json(out_dir / DECODING_FILE, decoding_settings(out_dir, blank_penalty, lm_path, tuning, s, adapt))
     return metrics
+
+
+def model_emissions(model: Recognizer, waves: dict[str, torch.Tensor], adapt: AdaptSettings,
+                    batch_size: int) -> dict[str, torch.Tensor]:
+    """The model's log-probs of each utterance: batched, or each adapted to its own utterance first."""
+    return adapted_emissions(model, waves, adapt) if adapt.enabled else compute_emissions(model, waves, batch_size)
+
+
+def tune_adaptation(model: Recognizer, dev: Sequence[Utterance],
+                    s: EvalSettings) -> tuple[AdaptSettings, dict[str, Any], dict[str, torch.Tensor]]:
+    """(the adaptation setting, its greedy tuning, its dev log-probs) with the lowest dev CER, each setting
+    with its own best blank penalty; a tie keeps the earlier setting (the first is no adaptation)."""
+    dev = sorted(dev, key=lambda u: u.id)
+    refs, groups = {u.id: u.text for u in dev}, {u.id: speaker_group(u) for u in dev}
+    waves = load_waves(dev, model.frontend) if dev else {}
+    best = None
+    rows = []
+    for st in s.adaptation:
+        t0 = time.time()
+        em = model_emissions(model, waves, st, s.batch_size) if dev else {}
+        tuning = tune_blank_penalty(model, em, refs, s.blank_penalties, groups)
+        rows.append({**st.to_dict(), "cer": tuning["cer"], "blank_penalty": tuning["blank_penalty"],
+                     "by_group": tuning["by_group"], "seconds": round(time.time() - t0, 1)})
+        if best is None or tuning["cer"] < best[1]["cer"]:
+            best = (st, tuning, em)
+    adapt, tuning, em = best
+    if len(rows) > 1:
+        tuning["adaptation"] = {"chosen": adapt.to_dict(), "grid": rows}
+    return adapt, tuning, em
 
 
 DECODING_FILE = "decoding.json"
 
 
 def decoding_settings(out_dir: Path, blank_penalty: float, lm_path: Path | None, tuning: dict | None,
-                      s: EvalSettings) -> dict[str, Any]:
-    """What the evaluation decoded with, for ``asrflow-transcribe --decoding``: the same blank penalty and LM
-    search, so a user's recordings are decoded as the reported figures were. The LM path is relative to
-    this file's folder, so the results folder can move."""
+                      s: EvalSettings, adapt: AdaptSettings | None = None) -> dict[str, Any]:
+    """What the evaluation decoded with, for ``asrflow-transcribe --decoding``: the same test-time adaptation,
+    blank penalty and LM search, so a user's recordings are decoded as the reported figures were. The LM
+    path is relative to this file's folder, so the results folder can move."""
     out: dict[str, Any] = {"blank_penalty": blank_penalty, "tuned_on": "dev"}
+    if adapt is not None and adapt.enabled:
+        out["adaptation"] = adapt.to_dict()
     if tuning is not None and lm_path is not None:
         out.update(lm=os.path.relpath(Path(lm_path).resolve(), Path(out_dir).resolve()), lexicon=s.lexicon,
                    cmudict=s.cmudict_path, lm_weight=tuning["lm_weight"], word_score=tuning["word_score"],
