@@ -256,6 +256,8 @@ def tune_adaptation(model: Recognizer, dev: Sequence[Utterance],
         tuning = tune_blank_penalty(model, em, refs, s.blank_penalties, groups)
         rows.append({**st.to_dict(), "cer": tuning["cer"], "blank_penalty": tuning["blank_penalty"],
                      "by_group": tuning["by_group"], "seconds": round(time.time() - t0, 1)})
+        log.info("dev CER %.4f (blank penalty %.1f) with test-time adaptation %s, %.0f s", tuning["cer"],
+                 tuning["blank_penalty"], st.to_dict() if st.enabled else "off", rows[-1]["seconds"])
         if best is None or tuning["cer"] < best[1]["cer"]:
             best = (st, tuning, em)
     adapt, tuning, em = best
