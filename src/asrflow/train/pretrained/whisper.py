@@ -367,7 +367,6 @@ def _hf_encoder_state(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-_CT2_LAYER = re.compile(r"encoder/layer_(\d+)/(.+)")
 _CT2_LAYER_NAMES = {
     "self_attention/layer_norm/gamma": "self_attn_layer_norm.weight",
     "self_attention/layer_norm/beta": "self_attn_layer_norm.bias",
@@ -388,6 +387,53 @@ _CT2_TOP_NAMES = {
 }
 
 
+# CTranslate2 fuses some projections into one tensor: each fused name -> our names of its equal parts in order
+# (None: a part we drop, the key bias that Whisper has as 0 and that cancels in the softmax)
+_CT2_FUSED_SELF_ATTENTION = {
+    "self_attention/linear_0/weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "self_attention/linear_0/bias": ["self_attn.q_proj.bias", None, "self_attn.v_proj.bias"],
+}
+
+
+def rename_ct2_variables(where: Path, variables: dict[str, torch.Tensor], component: str, top_names: dict[str, str],
+                         layer_names: dict[str, str], fused: dict[str, list[str | None]]
+                         ) -> tuple[dict[str, torch.Tensor], set[int], list[str]]:
+    """CTranslate2 ``<component>/...`` variables -> (our state dict, the layer numbers seen, unknown names).
+    Scalars (CTranslate2's options) are left to the caller; fused tensors are split into equal parts."""
+    layer_re = re.compile(rf"{component}/layer_(\d+)/(.+)")
+    out: dict[str, torch.Tensor] = {}
+    layers: set[int] = set()
+    unknown: list[str] = []
+    for name, value in variables.items():
+        if value.dim() == 0:
+            continue
+        value = value.float() if value.is_floating_point() else value
+        if name in top_names:
+            out[top_names[name]] = value
+            continue
+        m = layer_re.fullmatch(name)
+        if not m:
+            unknown.append(name)
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        layers.add(i)
+        if rest in layer_names:
+            out[f"layers.{i}.{layer_names[rest]}"] = value
+        elif rest in fused:
+            parts = fused[rest]
+            if value.shape[0] % len(parts):
+                raise CheckpointError(f"{where}: {name} has shape {list(value.shape)}; expected {len(parts)} fused "
+                                      "projections of equal size")
+            for ours, t in zip(parts, value.chunk(len(parts), dim=0)):
+                if ours is not None:
+                    out[f"layers.{i}.{ours}"] = t.contiguous()
+        else:
+            unknown.append(name)
+    if layers != set(range(len(layers))):
+        raise CheckpointError(f"{where}: {component} layers {sorted(layers)} are not numbered 0..{len(layers) - 1}")
+    return out, layers, unknown
+
+
 def _ct2_encoder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(architecture, encoder state dict in WhisperEncoder's names) from a CTranslate2 Whisper model.bin."""
     model = read_ct2_model_bin(path, keep=lambda n: n.startswith("encoder/"))
@@ -401,35 +447,9 @@ def _ct2_encoder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
                               "(convert with --quantization float16)")
     if "encoder/conv1/weight" not in vs or "encoder/num_heads" not in vs:
         raise CheckpointError(f"{where}: no Whisper encoder (expected encoder/conv1/weight and encoder/num_heads)")
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    layers = set()
-    for name, value in vs.items():
-        if name == "encoder/num_heads":
-            continue
-        value = value.float() if value.is_floating_point() else value
-        if name in _CT2_TOP_NAMES:
-            out[_CT2_TOP_NAMES[name]] = value
-            continue
-        m = _CT2_LAYER.fullmatch(name)
-        if not m:
-            unknown.append(name)
-            continue
-        i, rest = int(m.group(1)), m.group(2)
-        layers.add(i)
-        if rest in _CT2_LAYER_NAMES:
-            out[f"layers.{i}.{_CT2_LAYER_NAMES[rest]}"] = value
-        elif rest == "self_attention/linear_0/weight":  # fused q, k, v
-            q, k, v = _split3(where, name, value)
-            out[f"layers.{i}.self_attn.q_proj.weight"] = q
-            out[f"layers.{i}.self_attn.k_proj.weight"] = k
-            out[f"layers.{i}.self_attn.v_proj.weight"] = v
-        elif rest == "self_attention/linear_0/bias":  # the key bias (0 in Whisper) cancels in the softmax
-            q, _, v = _split3(where, name, value)
-            out[f"layers.{i}.self_attn.q_proj.bias"] = q
-            out[f"layers.{i}.self_attn.v_proj.bias"] = v
-        else:
-            unknown.append(name)
+    out, layers, unknown = rename_ct2_variables(where, vs, "encoder", _CT2_TOP_NAMES, _CT2_LAYER_NAMES,
+                                                _CT2_FUSED_SELF_ATTENTION)
+    unknown += sorted(n for n, v in vs.items() if v.dim() == 0 and n != "encoder/num_heads")
     if unknown:
         raise CheckpointError(f"{where}: unexpected encoder variable(s) {sorted(unknown)[:6]}; expected a plain "
                               "Whisper encoder (ctranslate2's WhisperEncoderSpec)")
@@ -440,15 +460,7 @@ def _ct2_encoder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             "max_positions": int(out["embed_positions"].shape[0]) if "embed_positions" in out else 1500}
     if "embed_positions" not in out:  # CTranslate2 may leave sinusoidal tables implicit
         out["embed_positions"] = sinusoids(arch["max_positions"], arch["d_model"])
-    if layers != set(range(len(layers))):
-        raise CheckpointError(f"{where}: encoder layers {sorted(layers)} are not numbered 0..{len(layers) - 1}")
     return arch, out
-
-
-def _split3(where: Path, name: str, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if value.shape[0] % 3:
-        raise CheckpointError(f"{where}: {name} has shape {list(value.shape)}; expected fused q/k/v (3 x d_model rows)")
-    return tuple(t.contiguous() for t in value.chunk(3, dim=0))  # type: ignore[return-value]
 
 
 def encoder_to_ct2_variables(encoder: WhisperEncoder, num_heads: int) -> dict[str, Any]:

@@ -158,7 +158,6 @@ def decoder_loss(decoder: WhisperDecoder, tokens: WhisperTextTokens, texts: Sequ
 
 # ------------------------------------------------------------------------------------------------ loading
 
-_CT2_LAYER = re.compile(r"decoder/layer_(\d+)/(.+)")
 _CT2_LAYER_NAMES = {
     "self_attention/layer_norm/gamma": "self_attn_layer_norm.weight",
     "self_attention/layer_norm/beta": "self_attn_layer_norm.bias",
@@ -184,63 +183,32 @@ _CT2_TOP_NAMES = {
 }
 # CTranslate2's option scalars (activation, alibi, pre_norm ...; versions add more) and alignment metadata
 # are not weights; those that would change what a Whisper decoder computes must hold Whisper's values
+_CT2_FUSED_CROSS_ATTENTION = {
+    "attention/linear_1/weight": ["encoder_attn.k_proj.weight", "encoder_attn.v_proj.weight"],
+    "attention/linear_1/bias": [None, "encoder_attn.v_proj.bias"],
+}
 _CT2_REQUIRED_OPTIONS = {"decoder/alibi": 0, "decoder/pre_norm": 1, "decoder/scale_embeddings": 0}
 _CT2_IGNORED = {"decoder/alignment_heads", "decoder/projection/weight", "decoder/num_heads"}
 
 
-def _chunks(where: Path, name: str, value: torch.Tensor, n: int) -> list[torch.Tensor]:
-    if value.shape[0] % n:
-        raise CheckpointError(f"{where}: {name} has shape {list(value.shape)}; expected {n} fused projections")
-    return [t.contiguous() for t in value.chunk(n, dim=0)]
-
-
 def _ct2_decoder(path: Path) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    from asrflow.train.pretrained.whisper import _CT2_FUSED_SELF_ATTENTION, rename_ct2_variables
+
     model = read_ct2_model_bin(path, keep=lambda n: n.startswith("decoder/"))
     where, vs = model["path"], model["variables"]
     if "decoder/embeddings/weight" not in vs or "decoder/num_heads" not in vs:
         raise CheckpointError(f"{where}: no Whisper decoder (expected decoder/embeddings/weight and decoder/num_heads)")
     if any(n.endswith("weight_scale") for n in vs):
         raise CheckpointError(f"{where}: quantized decoder weights; expected float32/float16/bfloat16")
-    out: dict[str, torch.Tensor] = {}
-    unknown, layers = [], set()
     for name, want in _CT2_REQUIRED_OPTIONS.items():
         if name in vs and int(vs[name]) != want:
             raise CheckpointError(f"{where}: {name} is {int(vs[name])}; a Whisper decoder has {want}")
-    for name, value in vs.items():
-        if name in _CT2_IGNORED or value.dim() == 0:
-            continue
-        value = value.float()
-        if name in _CT2_TOP_NAMES:
-            out[_CT2_TOP_NAMES[name]] = value
-            continue
-        m = _CT2_LAYER.fullmatch(name)
-        if not m:
-            unknown.append(name)
-            continue
-        i, rest = int(m.group(1)), m.group(2)
-        layers.add(i)
-        pre = f"layers.{i}."
-        if rest in _CT2_LAYER_NAMES:
-            out[pre + _CT2_LAYER_NAMES[rest]] = value
-        elif rest == "self_attention/linear_0/weight":
-            for proj, t in zip("qkv", _chunks(where, name, value, 3)):
-                out[pre + f"self_attn.{proj}_proj.weight"] = t
-        elif rest == "self_attention/linear_0/bias":  # the key bias (0 in Whisper) cancels in the softmax
-            q, _, v = _chunks(where, name, value, 3)
-            out[pre + "self_attn.q_proj.bias"], out[pre + "self_attn.v_proj.bias"] = q, v
-        elif rest == "attention/linear_1/weight":  # fused k, v of the cross-attention
-            k, v = _chunks(where, name, value, 2)
-            out[pre + "encoder_attn.k_proj.weight"], out[pre + "encoder_attn.v_proj.weight"] = k, v
-        elif rest == "attention/linear_1/bias":
-            _, v = _chunks(where, name, value, 2)
-            out[pre + "encoder_attn.v_proj.bias"] = v
-        else:
-            unknown.append(name)
+    weights = {n: v for n, v in vs.items() if n not in _CT2_IGNORED}
+    out, layers, unknown = rename_ct2_variables(where, weights, "decoder", _CT2_TOP_NAMES, _CT2_LAYER_NAMES,
+                                                {**_CT2_FUSED_SELF_ATTENTION, **_CT2_FUSED_CROSS_ATTENTION})
     if unknown:
         raise CheckpointError(f"{where}: unexpected decoder variable(s) {sorted(unknown)[:6]}; expected a plain "
                               "Whisper decoder (ctranslate2's WhisperDecoderSpec)")
-    if layers != set(range(len(layers))):
-        raise CheckpointError(f"{where}: decoder layers {sorted(layers)} are not numbered 0..{len(layers) - 1}")
     emb = out["embed_tokens.weight"]
     arch = {"vocab_size": int(emb.shape[0]), "d_model": int(emb.shape[1]), "num_layers": len(layers),
             "num_heads": int(vs["decoder/num_heads"]), "ffn_dim": int(out["layers.0.fc1.weight"].shape[0]),
