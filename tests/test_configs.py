@@ -55,6 +55,8 @@ def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp
     (("long_cpu.yaml", "long_cpu_vtlp.yaml"), {"whisper_tiny_vtlp", "whisper_tiny_vtlp_wise", "whisper_tiny_vtlp_lowwise"}),
     # the default with twice its share of the wheel voices (a corpus change only)
     ("more_voices_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise"}),
+    # test-time adaptation chosen on dev: an evaluation setting only, the same models trained
+    ("tta.yaml", {"whisper_tiny", "whisper_tiny_lowwise"}),
     # the default with Whisper's pretrained decoder as an auxiliary loss (trained, frozen), each mixed by depth
     ("decoder_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_dec", "whisper_tiny_dec_lowwise",
                             "whisper_tiny_decf", "whisper_tiny_decf_lowwise"}),
