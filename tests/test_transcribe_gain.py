@@ -121,6 +121,18 @@ def test_the_front_end_makes_features_level_invariant_and_the_decoded_text_ident
     assert (raw_feats[0] - raw_feats[1]).mean() > 2.0
 
 
+def write_heldout_noise(tmp_path) -> Path:
+    """A noise manifest of one 2 s held-out recording (what evaluate() mixes its SNR conditions from)."""
+    from asrflow.data.demand import write_noise_manifest
+
+    noise_path = tmp_path / "noise.wav"
+    sf.write(noise_path, (0.05 * np.random.default_rng(3).standard_normal(2 * SR)).astype(np.float32), SR)
+    noise_manifest = tmp_path / "noise.jsonl"
+    write_noise_manifest(noise_manifest, [{"id": "demand-PARK-ch01", "env": "PARK", "channel": 1, "audio": str(noise_path),
+                                           "duration": 2.0, "sample_rate": SR, "split": "heldout", "rms_dbfs": -26.0}])
+    return noise_manifest
+
+
 def _transcribe_cli(capsys, argv: list[str]) -> dict[str, str]:
     """asrflow-transcribe's printed lines, as {audio path: text}."""
     capsys.readouterr()
@@ -134,7 +146,6 @@ def _transcribe_cli(capsys, argv: list[str]) -> dict[str, str]:
 
 def test_transcribe_of_a_file_equals_the_evaluation_path(trained, tmp_path, capsys):
     """A stereo 22.05 kHz recording at another level, and plain ones: evaluate() scores what transcribe says."""
-    from asrflow.data.demand import write_noise_manifest
     from asrflow.evaluate.ngram_lm import build_lm
     from asrflow.evaluate.run import EvalSettings, compute_emissions, evaluate, greedy, load_waves
 
@@ -154,11 +165,7 @@ def test_transcribe_of_a_file_equals_the_evaluation_path(trained, tmp_path, caps
                               dialect="d1", split=split, extra={"engine": "tones"}))
     manifest = tmp_path / "manifest.jsonl"
     write_manifest(manifest, utts, relative_audio=False)
-    noise_path = tmp_path / "noise.wav"
-    sf.write(noise_path, (0.05 * np.random.default_rng(3).standard_normal(2 * SR)).astype(np.float32), SR)
-    noise_manifest = tmp_path / "noise.jsonl"
-    write_noise_manifest(noise_manifest, [{"id": "demand-PARK-ch01", "env": "PARK", "channel": 1, "audio": str(noise_path),
-                                           "duration": 2.0, "sample_rate": SR, "split": "heldout", "rms_dbfs": -26.0}])
+    noise_manifest = write_heldout_noise(tmp_path)
     lm = tmp_path / "words.arpa"
     build_lm([" ".join(np.random.default_rng(i).choice(WORDS, 3)) for i in range(60)], lm, order=3)
 
@@ -203,7 +210,6 @@ def test_transcribe_of_a_file_equals_the_evaluation_path(trained, tmp_path, caps
 def test_test_time_adaptation_is_chosen_on_dev_and_followed_by_held_out_voice_and_transcribe(trained, tmp_path, capsys):
     """evaluate() tries each adaptation setting on dev (none first), keeps the lowest CER, decodes test with
     it and writes it to decoding.json; transcribe --decoding and the held-out-voice scorer then adapt alike."""
-    from asrflow.data.demand import write_noise_manifest
     from asrflow.evaluate.adaptation import AdaptSettings, adapted_emissions
     from asrflow.evaluate.held_out_voice import score_models
     from asrflow.evaluate.run import EvalSettings, evaluate, greedy, load_waves
@@ -214,11 +220,7 @@ def test_test_time_adaptation_is_chosen_on_dev_and_followed_by_held_out_voice_an
             for k, (ref, path) in enumerate(zip(trained["refs"][:12], trained["files"]["-20"][:12]))]
     manifest = tmp_path / "manifest.jsonl"
     write_manifest(manifest, utts, relative_audio=False)
-    noise_path = tmp_path / "noise.wav"
-    sf.write(noise_path, (0.05 * np.random.default_rng(3).standard_normal(2 * SR)).astype(np.float32), SR)
-    noise_manifest = tmp_path / "noise.jsonl"
-    write_noise_manifest(noise_manifest, [{"id": "demand-PARK-ch01", "env": "PARK", "channel": 1, "audio": str(noise_path),
-                                           "duration": 2.0, "sample_rate": SR, "split": "heldout", "rms_dbfs": -26.0}])
+    noise_manifest = write_heldout_noise(tmp_path)
     adapt = AdaptSettings(2, 1e-3, 2.5, "all")
     grid = (AdaptSettings(0), adapt)
     metrics = evaluate(trained["model"], manifest, noise_manifest, None, tmp_path / "eval",

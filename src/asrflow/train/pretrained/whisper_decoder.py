@@ -158,35 +158,30 @@ def decoder_loss(decoder: WhisperDecoder, tokens: WhisperTextTokens, texts: Sequ
 
 # ------------------------------------------------------------------------------------------------ loading
 
-_CT2_LAYER_NAMES = {
-    "self_attention/layer_norm/gamma": "self_attn_layer_norm.weight",
-    "self_attention/layer_norm/beta": "self_attn_layer_norm.bias",
-    "self_attention/linear_1/weight": "self_attn.out_proj.weight",
-    "self_attention/linear_1/bias": "self_attn.out_proj.bias",
-    "attention/layer_norm/gamma": "encoder_attn_layer_norm.weight",
-    "attention/layer_norm/beta": "encoder_attn_layer_norm.bias",
-    "attention/linear_0/weight": "encoder_attn.q_proj.weight",
-    "attention/linear_0/bias": "encoder_attn.q_proj.bias",
-    "attention/linear_2/weight": "encoder_attn.out_proj.weight",
-    "attention/linear_2/bias": "encoder_attn.out_proj.bias",
-    "ffn/layer_norm/gamma": "final_layer_norm.weight",
-    "ffn/layer_norm/beta": "final_layer_norm.bias",
-    "ffn/linear_0/weight": "fc1.weight",
-    "ffn/linear_0/bias": "fc1.bias",
-    "ffn/linear_1/weight": "fc2.weight",
-    "ffn/linear_1/bias": "fc2.bias",
-}
+def _ct2_layer_names() -> dict[str, str]:
+    """A decoder block's CTranslate2 names: the encoder block's (self-attention, MLP) plus the cross-attention's."""
+    from asrflow.train.pretrained.whisper import _CT2_LAYER_NAMES as ENCODER_BLOCK
+
+    return {**ENCODER_BLOCK,
+            "attention/layer_norm/gamma": "encoder_attn_layer_norm.weight",
+            "attention/layer_norm/beta": "encoder_attn_layer_norm.bias",
+            "attention/linear_0/weight": "encoder_attn.q_proj.weight",
+            "attention/linear_0/bias": "encoder_attn.q_proj.bias",
+            "attention/linear_2/weight": "encoder_attn.out_proj.weight",
+            "attention/linear_2/bias": "encoder_attn.out_proj.bias"}
+
+
 _CT2_TOP_NAMES = {
     "decoder/embeddings/weight": "embed_tokens.weight",
     "decoder/position_encodings/encodings": "embed_positions.weight",
     "decoder/layer_norm/gamma": "layer_norm.weight", "decoder/layer_norm/beta": "layer_norm.bias",
 }
-# CTranslate2's option scalars (activation, alibi, pre_norm ...; versions add more) and alignment metadata
-# are not weights; those that would change what a Whisper decoder computes must hold Whisper's values
 _CT2_FUSED_CROSS_ATTENTION = {
     "attention/linear_1/weight": ["encoder_attn.k_proj.weight", "encoder_attn.v_proj.weight"],
     "attention/linear_1/bias": [None, "encoder_attn.v_proj.bias"],
 }
+# CTranslate2's option scalars (activation, alibi, pre_norm ...; versions add more) and alignment metadata
+# are not weights; those that would change what a Whisper decoder computes must hold Whisper's values
 _CT2_REQUIRED_OPTIONS = {"decoder/alibi": 0, "decoder/pre_norm": 1, "decoder/scale_embeddings": 0}
 _CT2_IGNORED = {"decoder/alignment_heads", "decoder/projection/weight", "decoder/num_heads"}
 
@@ -204,7 +199,7 @@ def _ct2_decoder(path: Path) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
         if name in vs and int(vs[name]) != want:
             raise CheckpointError(f"{where}: {name} is {int(vs[name])}; a Whisper decoder has {want}")
     weights = {n: v for n, v in vs.items() if n not in _CT2_IGNORED}
-    out, layers, unknown = rename_ct2_variables(where, weights, "decoder", _CT2_TOP_NAMES, _CT2_LAYER_NAMES,
+    out, layers, unknown = rename_ct2_variables(where, weights, "decoder", _CT2_TOP_NAMES, _ct2_layer_names(),
                                                 {**_CT2_FUSED_SELF_ATTENTION, **_CT2_FUSED_CROSS_ATTENTION})
     if unknown:
         raise CheckpointError(f"{where}: unexpected decoder variable(s) {sorted(unknown)[:6]}; expected a plain "
@@ -263,7 +258,7 @@ def decoder_to_ct2_variables(decoder: WhisperDecoder, num_heads: int) -> dict[st
     out["decoder/num_heads"] = int(num_heads)
     for i in range(len(decoder.layers)):
         pre, ct2 = f"layers.{i}.", f"decoder/layer_{i}/"
-        for name, ours in _CT2_LAYER_NAMES.items():
+        for name, ours in _ct2_layer_names().items():
             out[ct2 + name] = sd[pre + ours]
         zeros = torch.zeros_like(sd[pre + "self_attn.q_proj.bias"])
         out[ct2 + "self_attention/linear_0/weight"] = torch.cat([sd[pre + f"self_attn.{n}_proj.weight"] for n in "qkv"])
