@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 5, 10])
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--temperature", type=float, default=2.5)
-    ap.add_argument("--parameters", default="norms", choices=["norms", "all"])
+    ap.add_argument("--parameters", default="all", choices=["norms", "all"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)

@@ -144,11 +144,11 @@ def decoding_options(decoding_file: str | Path | None, flags: dict) -> dict:
     opts.update({k: v for k, v in flags.items() if k in opts and v is not None})
     if flags.get("no_lm"):
         opts["lm"] = None
-    if flags.get("adapt_steps") is not None:  # --adapt-steps 0 turns the file's adaptation off
-        opts["adaptation"] = {**(opts["adaptation"] or {"lr": 1e-5, "temperature": 2.5, "parameters": "all"}),
-                              "steps": flags["adapt_steps"]}
-        if flags.get("adapt_lr") is not None:
-            opts["adaptation"]["lr"] = flags["adapt_lr"]
+    given = {k: flags.get(f"adapt_{k}") for k in ("steps", "lr") if flags.get(f"adapt_{k}") is not None}
+    if given:  # --adapt-steps 0 turns the file's adaptation off
+        from asrflow.evaluate.adaptation import AdaptSettings
+
+        opts["adaptation"] = {**(opts["adaptation"] or AdaptSettings().to_dict()), **given}
     return opts
 
 
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapt-steps", type=int, default=None,
                     help="test-time adaptation: this many entropy-minimization steps on each file before decoding "
                          "(0: none; default: what --decoding chose on dev, else none)")
-    ap.add_argument("--adapt-lr", type=float, default=None, help="with --adapt-steps (default 1e-5)")
+    ap.add_argument("--adapt-lr", type=float, default=None,
+                    help="test-time adaptation's learning rate (default: --decoding's, else 1e-5)")
     args = ap.parse_args(argv)
     opts = decoding_options(args.decoding, vars(args))
     model = load_model(args.model)

@@ -87,3 +87,18 @@ def test_entropy_ignores_blank_frames():
     lp = torch.cat([confident_blank, unsure_speech])
     assert entropy_of_speech_frames(lp, 0, 1.0) == pytest.approx(entropy_of_speech_frames(unsure_speech, 0, 1.0))
     assert entropy_of_speech_frames(confident_blank, 0, 1.0) > 0  # all blank: every frame counts
+
+
+def test_transcribe_flags_override_the_evaluations_adaptation(tmp_path):
+    import json
+
+    from asrflow.transcribe import decoding_options
+
+    assert decoding_options(None, {})["adaptation"] is None
+    assert decoding_options(None, {"adapt_steps": 3})["adaptation"] == AdaptSettings(3).to_dict()
+    chosen = AdaptSettings(5, 3e-5).to_dict()
+    path = tmp_path / "decoding.json"
+    path.write_text(json.dumps({"blank_penalty": 0.5, "adaptation": chosen}))
+    assert decoding_options(path, {})["adaptation"] == chosen
+    assert decoding_options(path, {"adapt_lr": 2e-5})["adaptation"] == {**chosen, "lr": 2e-5}
+    assert AdaptSettings.from_dict(decoding_options(path, {"adapt_steps": 0})["adaptation"]).enabled is False
