@@ -120,17 +120,13 @@ def score_model(name: str, model_path: Path, utts: Sequence[Utterance], blank_pe
                 batch_size: int = 16, adapt=None) -> ModelScores:
     """Greedy CER per utterance, by the evaluation's own functions; with ``adapt`` (an
     :class:`~asrflow.evaluate.adaptation.AdaptSettings`), after test-time adaptation to each utterance."""
-    from asrflow.evaluate.adaptation import adapted_emissions
-    from asrflow.evaluate.run import compute_emissions, greedy, load_waves
+    from asrflow.evaluate.adaptation import AdaptSettings
+    from asrflow.evaluate.run import greedy, load_waves, model_emissions
     from asrflow.evaluate.scoring import score_utterance
     from asrflow.transcribe import load_model
 
     model = load_model(model_path)
-    waves = load_waves(utts, model.frontend)
-    if adapt is not None and adapt.enabled:
-        em = adapted_emissions(model, waves, adapt)
-    else:
-        em = compute_emissions(model, waves, batch_size)
+    em = model_emissions(model, load_waves(utts, model.frontend), adapt or AdaptSettings(0), batch_size)
     hyps = greedy(model, em, blank_penalty)
     stats = [score_utterance(u.text, hyps[u.id]).chars for u in utts]
     return ModelScores(name, blank_penalty, np.array([s.errors for s in stats]), np.array([s.ref_len for s in stats]),
