@@ -64,6 +64,9 @@ def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp
     (("long_cpu.yaml", "long_cpu_vtlp.yaml", "long_cpu_voices.yaml"), {"whisper_tiny_vtlp", "whisper_tiny_vtlp_lowwise"}),
     (("long_cpu.yaml", "long_cpu_vtlp.yaml", "long_cpu_voices.yaml", "long_cpu_voices_llrd.yaml"),
      {"whisper_tiny_vtlp_llrd", "whisper_tiny_vtlp_llrd_lowwise"}),
+    # a second stage on that recipe's model (its init_from input, so trained first), and the two stages' mixed mean
+    (("long_cpu.yaml", "long_cpu_vtlp.yaml", "long_cpu_voices.yaml", "long_cpu_voices_more.yaml"),
+     {"whisper_tiny_vtlp", "whisper_tiny_vtlp_more", "whisper_tiny_vtlp_avg_lowwise"}),
     # the default with the stem and the first 2 blocks frozen for the whole run
     ("frozen_probe.yaml", {"whisper_tiny", "whisper_tiny_top2"}),
     # the three seeds of the default, each mixed back towards Whisper whole and by depth (no training of its own)
