@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asrflow.audio import read_audio
+from asrflow.audio import AudioError, read_audio
 from asrflow.evaluate.held_out_voice import ModelScores, parse_model, report, score_models, write_report
 from asrflow.evaluate.scoring import score_utterance
 from asrflow.manifest import Utterance
@@ -44,7 +44,10 @@ def real_voice_utterances(folder: Path = ALSA_SOUNDS) -> list[Utterance]:
     for path in sorted(folder.iterdir()):
         if not CHANNEL_TEST.match(path.name):
             continue
-        samples, rate = read_audio(path, mono=True)
+        try:
+            samples, rate = read_audio(path, mono=True)
+        except AudioError as e:  # a damaged recording is named, never silently skipped
+            raise SystemExit(f"{path}: cannot read it as audio ({e})") from None
         utts.append(Utterance(id=f"alsa-{path.stem.lower()}", audio=str(path), text=normalize_text(path.stem),
                               duration=len(samples) / rate, sample_rate=rate, speaker="alsa-utils", dialect="en-us",
                               split="test"))

@@ -39,6 +39,10 @@ def test_transcripts_come_from_the_names_and_noise_is_left_out(tmp_path):
     with pytest.raises(SystemExit, match="install alsa-utils"):
         real_voice_probe.real_voice_utterances(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "Front_Left.wav").write_bytes(b"not a wav")
+    with pytest.raises(SystemExit, match="Front_Left.wav: cannot read it as audio"):
+        real_voice_probe.real_voice_utterances(tmp_path / "broken")
     with pytest.raises(SystemExit, match="none of the channel-test recordings"):
         real_voice_probe.real_voice_utterances(tmp_path / "empty")
 
