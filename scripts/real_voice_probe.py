@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from asrflow.audio import AudioError, read_audio
-from asrflow.evaluate.held_out_voice import ModelScores, parse_model, report, score_models, write_report
-from asrflow.evaluate.scoring import score_utterance
+from asrflow.evaluate.held_out_voice import ModelScores, parse_model, report, score_models, scores_of, write_report
 from asrflow.manifest import Utterance
 from asrflow.text import normalize_text
 
@@ -80,9 +79,7 @@ def whisper_reference(utts: list[Utterance], threads: int = 2) -> ModelScores:
         sv = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.transpose(1, 2).numpy()))
         out = model.generate(sv, [tokens.prompt], beam_size=1, max_length=64)
         hyps[u.id] = normalize_text(tokens.tokenizer.decode(out[0].sequences_ids[0]))
-    stats = [score_utterance(u.text, hyps[u.id]).chars for u in utts]
-    return ModelScores("whisper_tiny_en", 0.0, np.array([s.errors for s in stats]), np.array([s.ref_len for s in stats]),
-                       hyps)
+    return scores_of("whisper_tiny_en", 0.0, utts, hyps)
 
 
 def main(argv: list[str] | None = None) -> int:

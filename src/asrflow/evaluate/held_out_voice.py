@@ -122,15 +122,22 @@ def score_model(name: str, model_path: Path, utts: Sequence[Utterance], blank_pe
     :class:`~asrflow.evaluate.adaptation.AdaptSettings`), after test-time adaptation to each utterance."""
     from asrflow.evaluate.adaptation import AdaptSettings
     from asrflow.evaluate.run import greedy, load_waves, model_emissions
-    from asrflow.evaluate.scoring import score_utterance
     from asrflow.transcribe import load_model
 
     model = load_model(model_path)
     em = model_emissions(model, load_waves(utts, model.frontend), adapt or AdaptSettings(0), batch_size)
-    hyps = greedy(model, em, blank_penalty)
+    return scores_of(name, blank_penalty, utts, greedy(model, em, blank_penalty),
+                     adapt.to_dict() if adapt is not None and adapt.enabled else None)
+
+
+def scores_of(name: str, blank_penalty: float, utts: Sequence[Utterance], hyps: dict[str, str],
+              adaptation: dict | None = None) -> ModelScores:
+    """Per-utterance character errors of ``hyps`` (id -> text) against the utterances' transcripts."""
+    from asrflow.evaluate.scoring import score_utterance
+
     stats = [score_utterance(u.text, hyps[u.id]).chars for u in utts]
     return ModelScores(name, blank_penalty, np.array([s.errors for s in stats]), np.array([s.ref_len for s in stats]),
-                       hyps, adapt.to_dict() if adapt is not None and adapt.enabled else None)
+                       hyps, adaptation)
 
 
 def bootstrap_indices(n: int, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> np.ndarray:
