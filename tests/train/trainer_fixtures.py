@@ -183,3 +183,27 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def single_process_context(setup: Setup, tmp_path: Path, **overrides):
+    """The training Context of one process, built as ``train.py`` builds it (no horovodrun), writing
+    under ``tmp_path / "out"``; ``overrides`` change the tiny setup's params."""
+    from asrflow.train.distributed import World
+    from asrflow.train.params import TrainParams
+    from asrflow.train.run import build_context, parse_args
+
+    params_path = setup.params_file("inproc", **overrides)
+    args = parse_args(setup.args(params_path, tmp_path / "out"))
+    threads = torch.get_num_threads()
+    ctx = build_context(args, TrainParams.from_config(json.loads(params_path.read_text())), World())
+    torch.set_num_threads(threads)  # build_context sets the rank's thread count; give the test process its own back
+    return ctx
+
+
+def run_steps(ctx, state, n: int, hooks=()) -> None:
+    """``n`` more optimizer steps of the current epoch."""
+    from asrflow.train.trainer import train_one_epoch
+
+    ctx.params.max_steps = state.global_step + n
+    train_one_epoch(ctx, state, hooks)
+    assert state.global_step == ctx.params.max_steps

@@ -45,7 +45,7 @@ from asrflow.train.params import TrainParams
 from asrflow.train.run import build_context, finish, tracked_run
 from asrflow.train.run import parse_args as parse_run_args
 from asrflow.train.trainer import (Context, StepRecord, TrainState, archive_if_stale, end_of_epoch, run_batches,
-                                   learning_rate, log_parent, save, should_stop, start_from_parent,
+                                   learning_rate, log_parent, restore, save, should_stop, start_from_parent,
                                    stop_after_epoch)
 
 log = logging.getLogger("asrflow.train.elastic")
@@ -190,18 +190,19 @@ def resume_locally(ctx: Context) -> TrainState:
             start_from_parent(ctx)  # the first state.sync() broadcasts rank 0's weights
         return TrainState()
     payload = load_checkpoint(path, ctx.spec)
-    ctx.model.load_state_dict(payload["model"])
-    ctx.optimizer.load_state_dict(payload["optimizer"])
-    ctx.scaler.load_state_dict(payload["scaler"])
     log.info("resuming from %s (epoch %d, step %d)", path, payload["state"]["epoch"], payload["state"]["global_step"])
-    return TrainState(**payload["state"])
+    return restore(ctx, payload)
 
 
 def main(argv: list[str] | None = None) -> int:
     own, args = parse_args(argv)
+    params = TrainParams.from_config(json.loads(args.params.read_text()))
+    if params.weight_average.get("enabled"):
+        # a reset rolls the weights back to the last commit and may hand rank 0 to a host without the mean
+        raise SystemExit(f"{args.params}: weight_average is not supported by elastic training (a reset rolls the "
+                         "weights back and may move rank 0 to a host without the mean); train without --elastic")
     world = ElasticWorld()
     setup_logging(args.log_dir)
-    params = TrainParams.from_config(json.loads(args.params.read_text()))
     ctx = build_context(args, params, world)
     ctx.archive_stale_checkpoints = args.archive_stale_checkpoints
     args.out_dir.mkdir(parents=True, exist_ok=True)

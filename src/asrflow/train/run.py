@@ -25,6 +25,7 @@ from asrflow.train.params import TrainParams
 from asrflow.train.precision import make_grad_scaler, resolve_precision
 from asrflow.train.sampler import BucketBatchSampler, BucketPlan
 from asrflow.train.trainer import Context, TrainState, build_augmenters, fit
+from asrflow.train.weight_average import WeightAverage
 
 log = logging.getLogger("asrflow.train")
 
@@ -122,7 +123,8 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
         eval_loss_fn=build_ctc_loss("plain"), logmel=LogMel(params.n_mels).to(device),
         aug=build_augmenters(params, args.noise, frontend), sampler=sampler, index=index, loader=loader,
         dev_ids=sorted(dev_ids), train_probe_ids=train_probe_ids(plan, params), class_weights=weights,
-        total_steps=params.max_steps or params.epochs * len(sampler), out_dir=args.out_dir, spec=spec)
+        total_steps=params.max_steps or params.epochs * len(sampler), out_dir=args.out_dir, spec=spec,
+        weight_average=WeightAverage.from_params(params.weight_average))
 
 
 def load_index(manifest: Path, plan_path: Path, params: TrainParams,
@@ -223,9 +225,17 @@ def train_probe_ids(plan: BucketPlan, params: TrainParams) -> list[str]:
 
 
 def export_model(ctx: Context, state, path: Path) -> None:
-    """The deployable model: best-by-dev-loss weights, plus everything transcription needs."""
+    """The deployable model: the run's weight mean (training.weight_average) or else the best-by-dev-loss
+    weights, plus everything transcription needs."""
     best = ctx.out_dir / "checkpoints" / "best.pt"
-    weights = torch.load(best, map_location="cpu", weights_only=False)["model"] if best.exists() else ctx.model.state_dict()
+    if ctx.weight_average is not None:
+        weights = ctx.weight_average.averaged_state_dict(ctx.model.state_dict())
+        log.info("model.pt: the mean of the weights after %d steps (from step %d, every %d)", ctx.weight_average.count,
+                 ctx.weight_average.start_step, ctx.weight_average.every)
+    elif best.exists():
+        weights = torch.load(best, map_location="cpu", weights_only=False)["model"]
+    else:
+        weights = ctx.model.state_dict()
     tmp = path.with_name(f".{path.name}.tmp")
     from asrflow.train.pretrained import exportable_model_config, exportable_weights
 
@@ -302,6 +312,9 @@ def finish(args: argparse.Namespace, ctx: Context, state: TrainState, tracker, e
                "best_dev_loss": state.best_dev_loss, "history": state.history, "world_size": ctx.world.size,
                "precision": str(ctx.amp_dtype or "fp32"), "parameters": count_parameters(ctx.model),
                "loader_workers": params.loader_workers, **(extra or {})}
+    if ctx.weight_average is not None:  # what model.pt holds: the mean of this many steps' weights
+        wa = ctx.weight_average
+        summary["weight_average"] = {"steps_averaged": wa.count, "start_step": wa.start_step, "every": wa.every}
     write_json(args.out_dir / "train_summary.json", summary)
     if tracker is not None:
         tracker.metrics({"skipped_steps_total": state.skipped_steps, "best_dev_loss": state.best_dev_loss})

@@ -23,6 +23,7 @@ from asrflow.train.features import LogMel
 from asrflow.train.models import batchnorm_modules
 from asrflow.train.params import TrainParams
 from asrflow.train.sampler import BucketBatchSampler
+from asrflow.train.weight_average import WeightAverage
 from asrflow.train.precision import autocast_context
 
 log = logging.getLogger("asrflow.train")
@@ -310,6 +311,8 @@ def run_batches(ctx: "Context", state: TrainState, batches: Sequence[Sequence[st
         state.skipped_steps += 0 if outcome.stepped else 1
         state.batch_in_epoch = index + 1
         state.global_step += 1
+        if ctx.weight_average is not None:  # before the checkpoint of this step, which carries the mean
+            ctx.weight_average.update(ctx.model, state.global_step)
         state.train_seconds += record.step_seconds
         window.add(record)
         if state.global_step % p.log_every == 0 or index == len(batches) - 1:
@@ -457,6 +460,7 @@ class Context:
     tracker: Any = None
     progress: Any = None
     archive_stale_checkpoints: bool = False
+    weight_average: WeightAverage | None = None  # training.weight_average: the running mean exported as model.pt
 
     @property
     def batchnorms(self) -> list:
@@ -464,9 +468,24 @@ class Context:
 
 
 def checkpoint_state(ctx: Context, state: TrainState) -> dict[str, Any]:
-    return {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
-            "scaler": ctx.scaler.state_dict(), "state": state.__dict__.copy(), "spec": ctx.spec,
-            "fingerprint": fingerprint(ctx.spec), "params": ctx.params.to_dict(), "vocab": ctx.vocab.to_dict()}
+    payload = {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
+               "scaler": ctx.scaler.state_dict(), "state": state.__dict__.copy(), "spec": ctx.spec,
+               "fingerprint": fingerprint(ctx.spec), "params": ctx.params.to_dict(), "vocab": ctx.vocab.to_dict()}
+    if ctx.weight_average is not None:
+        payload["weight_average"] = ctx.weight_average.state_dict()
+    return payload
+
+
+def restore(ctx: Context, payload: dict[str, Any]) -> TrainState:
+    """Weights, optimizer, scaler, the weight mean and the loop's state from a checkpoint's payload."""
+    ctx.model.load_state_dict(payload["model"])
+    ctx.optimizer.load_state_dict(payload["optimizer"])
+    ctx.scaler.load_state_dict(payload["scaler"])
+    if ctx.weight_average is not None:
+        if "weight_average" not in payload:  # the fingerprint includes the setting, so only a hand-made payload
+            raise ValueError("weight_average is enabled but the checkpoint holds no weight mean")
+        ctx.weight_average.load_state_dict(payload["weight_average"])
+    return TrainState(**payload["state"])
 
 
 def save(ctx: Context, state: TrainState, is_best: bool) -> None:
@@ -504,10 +523,7 @@ def resume(ctx: Context) -> TrainState:
     if ctx.world.size > 1:
         payload = ctx.world.broadcast_object(payload, name="resume")
     if payload is not None:
-        ctx.model.load_state_dict(payload["model"])
-        ctx.optimizer.load_state_dict(payload["optimizer"])
-        ctx.scaler.load_state_dict(payload["scaler"])
-        state = TrainState(**payload["state"])
+        state = restore(ctx, payload)
     elif ctx.params.init_from and ctx.world.is_main:
         start_from_parent(ctx)  # a fresh start only (a resume continues its own weights); fit() broadcasts
     return state

@@ -226,14 +226,31 @@ def _hf_decoder(path: Path) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
     return arch, out
 
 
-def load_whisper_decoder(checkpoint: str | Path, fmt: str, d_model: int) -> tuple[WhisperDecoder, WhisperTextTokens]:
-    """The pretrained decoder of a Hugging Face or CTranslate2 Whisper folder, loaded and checked, and its
-    tokenizer (``tokenizer.json`` beside the weights)."""
+def _read_decoder(checkpoint: str | Path, fmt: str) -> tuple[Path, str, dict[str, int], dict[str, torch.Tensor]]:
     from asrflow.train.pretrained.whisper import detect_format
 
     p = require_path(checkpoint, "a Hugging Face or CTranslate2 Whisper folder with its decoder")
     fmt = detect_format(p) if fmt == "auto" else fmt
     arch, state = _ct2_decoder(p) if fmt == "ctranslate2" else _hf_decoder(p)
+    return p, fmt, arch, state
+
+
+def _text_tokens(p: Path, arch: dict[str, int]) -> WhisperTextTokens:
+    folder = p if p.is_dir() else p.parent
+    return WhisperTextTokens(folder / "tokenizer.json", arch["max_positions"], arch["vocab_size"])
+
+
+def whisper_text_tokens(checkpoint: str | Path, fmt: str = "auto") -> WhisperTextTokens:
+    """A Whisper folder's tokenizer and prompt, sized by its own decoder (positions, vocabulary: English-only
+    or multilingual), for decoding with the checkpoint itself (CTranslate2's ``generate``)."""
+    p, _, arch, _ = _read_decoder(checkpoint, fmt)
+    return _text_tokens(p, arch)
+
+
+def load_whisper_decoder(checkpoint: str | Path, fmt: str, d_model: int) -> tuple[WhisperDecoder, WhisperTextTokens]:
+    """The pretrained decoder of a Hugging Face or CTranslate2 Whisper folder, loaded and checked, and its
+    tokenizer (``tokenizer.json`` beside the weights)."""
+    p, fmt, arch, state = _read_decoder(checkpoint, fmt)
     if arch["d_model"] != d_model:
         raise CheckpointError(f"{p}: the decoder's width is {arch['d_model']}, the encoder's {d_model}")
     decoder = WhisperDecoder(**arch)
@@ -243,8 +260,7 @@ def load_whisper_decoder(checkpoint: str | Path, fmt: str, d_model: int) -> tupl
     if extra:
         raise CheckpointError(f"{p}: unexpected decoder tensor(s) {extra[:6]}")
     decoder.load_state_dict(state)
-    folder = p if p.is_dir() else p.parent
-    tokens = WhisperTextTokens(folder / "tokenizer.json", arch["max_positions"], arch["vocab_size"])
+    tokens = _text_tokens(p, arch)
     log.info("whisper_encoder: loaded the %d-layer decoder (%d tensors, vocabulary %d) from %s (%s)",
              arch["num_layers"], len(state), arch["vocab_size"], p, fmt)
     return decoder, tokens
