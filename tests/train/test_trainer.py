@@ -223,7 +223,8 @@ def horovod_launch(setup):
     i.e. ``workflow_scripts/train.py``) for a full bf16 training run. Sharing the launch halves the
     process start-ups (torch, Horovod, MLflow imports) that dominate these tests on two cores."""
     out, logs, dump = setup.root / "run-hvd", setup.root / "logs-hvd", setup.root / "bn-probe"
-    params = setup.params_file("hvd", precision="bf16")
+    # the weight mean rides along: two ranks, bf16 autocast, exported from rank 0
+    params = setup.params_file("hvd", precision="bf16", weight_average={"enabled": True, "start_step": 2, "every": 1})
     probe = [F.PYTHON, str(Path(__file__).with_name("bn_probe.py")), str(dump), "--then-train",
              *setup.args(params, out, logs, "trainer-hvd")]
     result = ok(F.run(F.horovodrun(2, probe), timeout=400))
@@ -253,6 +254,14 @@ def test_two_process_horovod_run(setup, horovod_launch):
     from asrflow.transcribe import load_model
 
     assert load_model(out / "model.pt").vocab.symbols == json.loads(setup.vocab.read_text())["symbols"]
+    # model.pt is the mean of the weights after steps 2..N, as the final checkpoint carries it, in fp32
+    assert summary["weight_average"] == {"steps_averaged": summary["global_step"] - 1, "start_step": 2, "every": 1}
+    final = torch.load(latest_ckpt(out), map_location="cpu", weights_only=False)
+    exported = torch.load(out / "model.pt", map_location="cpu", weights_only=False)["model"]
+    mean = final["weight_average"]["weights"]
+    assert final["weight_average"]["count"] == summary["global_step"] - 1
+    assert all(torch.equal(exported[k], mean[k].to(exported[k].dtype)) for k in exported)
+    assert any(not torch.equal(exported[k], final["model"][k]) for k in exported if exported[k].is_floating_point())
 
 
 @pytest.mark.slow
