@@ -73,7 +73,8 @@ def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp
     # layer-wise LR decay at the default's 600 steps, and its mix by depth, beside the default's mix
     ("lr_decay_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_llrd", "whisper_tiny_llrd_lowwise"}),
     # the default with model.pt the mean of its second half's weights, and that mean mixed by depth
-    ("weight_average_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_swa", "whisper_tiny_swa_lowwise"}),
+    ("weight_average_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_swa", "whisper_tiny_swa_lowwise",
+                                   "whisper_tiny_swa_late", "whisper_tiny_swa_late_lowwise"}),
     (("vtlp_probe.yaml", "wise_depth_probe.yaml"),
      {f"whisper_tiny{seed}{mix}" for seed in ("", "_s2", "_s3") for mix in ("", "_wise", "_lowwise")}),
 ])
