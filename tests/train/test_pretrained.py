@@ -742,3 +742,33 @@ def test_two_rank_horovod_run_trains_from_a_checkpoint_and_unfreezes_in_step(tmp
     assert any(not torch.equal(reg[0]["before"][k], reg[0]["after"][k]) for k in frozen)  # unfrozen: trained
     control = [r["control"] for r in ranks]
     assert any(not torch.equal(control[0]["after"][k], control[1]["after"][k]) for k in frozen)
+
+
+def test_whisper_phone_head_reads_the_chosen_blocks_output():
+    """phone_ctc_layer k < num_layers: the head reads block k's output; k = num_layers: the encoder's own output
+    (after its final LayerNorm), below the BiLSTM. The CTC head's output is the same with or without it."""
+    cfg = {"name": "whisper_encoder", "d_model": 32, "num_layers": 2, "num_heads": 4, "ffn_dim": 64, "n_mels": 80,
+           "max_positions": 100, "head_lstm_layers": 1, "head_lstm_hidden": 8, "phone_vocab_size": 7}
+    feats, lens = torch.randn(2, 60, 80), torch.tensor([60, 37])
+    torch.manual_seed(0)
+    plain = build_model(cfg, 5, 80).eval()
+    outputs = {}
+    for layer in (1, 2):
+        torch.manual_seed(0)
+        model = build_model({**cfg, "phone_ctc_layer": layer}, 5, 80).eval()
+        captured = []
+        model.encoder.layers[0].register_forward_hook(lambda m, i, o: captured.append(o))
+        with torch.no_grad():
+            log_probs, out_lens = model(feats, lens)
+            hidden, _ = model.encode(feats, lens)
+        source = captured[0] if layer == 1 else hidden
+        torch.testing.assert_close(model.phone_log_probs, model.phone_head(source).float().log_softmax(-1))
+        assert model.phone_log_probs.shape == (2, int(out_lens.max()), 7)
+        outputs[layer] = log_probs
+    with torch.no_grad():  # the same weights less the phone head: the CTC output does not depend on it
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("phone_head.")})
+        torch.testing.assert_close(plain(feats, lens)[0], outputs[2])
+    with pytest.raises(ValueError, match="between 1 and num_layers = 2"):
+        build_model({**cfg, "phone_ctc_layer": 3}, 5, 80)
+    with pytest.raises(ValueError, match="needs phone_vocab_size"):
+        build_model({**cfg, "phone_ctc_layer": 1, "phone_vocab_size": 0}, 5, 80)

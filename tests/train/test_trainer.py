@@ -546,10 +546,20 @@ def test_init_from_an_earlier_model_with_another_vocabulary_on_a_fresh_start_onl
     assert all(torch.equal(ctx.model.state_dict()[k], mine[k]) for k in mine), "a resume keeps its own weights"
 
 
+# a randomly initialised two-block whisper_encoder (its own log-mel front end), small enough for the tiny setup
+TINY_WHISPER_MODEL = {"name": "whisper_encoder", "d_model": 32, "num_layers": 2, "num_heads": 4, "ffn_dim": 64,
+                      "n_mels": 80, "max_positions": 200, "head_lstm_layers": 1, "head_lstm_hidden": 16}
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng makes the phone targets (make install)")
-def test_auxiliary_phone_ctc_trains_its_head_and_the_exported_model_transcribes(setup, tmp_path):
-    """A phone CTC head on layer 1: the batches carry espeak-ng phone targets, the phone loss falls with
-    training, and the exported model (phone head included) rebuilds and transcribes on its own."""
+@pytest.mark.parametrize("model_config", [
+    {**F.TINY_MODEL, "phone_ctc_layer": 1},
+    {**TINY_WHISPER_MODEL, "phone_ctc_layer": 1},   # below the top block
+    {**TINY_WHISPER_MODEL, "phone_ctc_layer": 2},   # the encoder's own output, below the BiLSTM
+], ids=["conformer", "whisper-block-1", "whisper-output"])
+def test_auxiliary_phone_ctc_trains_its_head_and_the_exported_model_transcribes(setup, tmp_path, model_config):
+    """A phone CTC head: the batches carry espeak-ng phone targets, the phone loss falls with training, and
+    the exported model (phone head included) rebuilds and transcribes on its own."""
     from asrflow.phones import PhoneLexicon
     from asrflow.train.distributed import World
     from asrflow.train.params import TrainParams
@@ -560,7 +570,7 @@ def test_auxiliary_phone_ctc_trains_its_head_and_the_exported_model_transcribes(
     lexicon = PhoneLexicon.build(u.text for u in setup.utts if u.split in ("train", "dev"))
     phones_path = tmp_path / "phones.json"
     lexicon.save(phones_path)
-    overrides = {"model": {**F.TINY_MODEL, "phone_ctc_layer": 1},
+    overrides = {"model": model_config,
                  "loss": {"kind": "smoothed", "smoothing": 0.1, "phone_ctc_weight": 0.3},
                  "noise": {"enabled": False}, "specaugment": {"enabled": False}}
     params_path = setup.params_file("phones", **overrides)

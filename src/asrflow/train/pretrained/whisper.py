@@ -77,6 +77,11 @@ WHISPER_DEFAULTS: dict[str, Any] = {
     # (loss.decoder_weight; hybrid CTC/attention as ESPnet trains it): "none", "frozen" or "trained"
     # (asrflow.train.pretrained.whisper_decoder). Training only: model.pt has no decoder, inference stays CTC.
     "decoder": "none",
+    # An auxiliary CTC head predicting espeak-ng phones (asrflow.phones; loss.phone_ctc_weight) on the output of
+    # block k (k = num_layers: the encoder's own output, below the BiLSTM); 0: off. Phones follow the sound
+    # where characters follow spelling: the encoder is asked for what any voice of a word shares.
+    "phone_ctc_layer": 0,
+    "phone_vocab_size": 0,          # set by the trainer from the phone lexicon
 }
 
 
@@ -205,6 +210,8 @@ class WhisperEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.mask_padding = mask_padding
         self.gradient_checkpointing = gradient_checkpointing
+        # block whose output forward() keeps for an auxiliary head (WhisperCTC's phone head); 0: none
+        self.tap_layer, self.tapped = 0, None
         self.output_dim = d_model
 
     @staticmethod
@@ -230,11 +237,14 @@ class WhisperEncoder(nn.Module):
         if self.mask_padding:  # (B, 1, 1, T2), True = attend; an empty utterance keeps frame 0 (no NaN rows)
             attn_mask = lengths_to_mask(out_lens.clamp_min(1), x.size(1))[:, None, None, :]
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        self.tapped = None
+        for i, layer in enumerate(self.layers, 1):
             if use_ckpt and any(p.requires_grad for p in layer.parameters()):
                 x = checkpoint(layer, x, attn_mask, use_reentrant=False)
             else:
                 x = layer(x, attn_mask)
+            if i == self.tap_layer and i < len(self.layers):  # an auxiliary head reads this block's output
+                self.tapped = x
         return self.layer_norm(x), out_lens
 
 
@@ -255,6 +265,10 @@ class WhisperCTC(nn.Module):
                                       cfg["ffn_dim"], cfg["max_positions"], cfg["encoder_dropout"],
                                       cfg["attention_dropout"], cfg["mask_padding"], cfg["gradient_checkpointing"])
         dim = self.encoder.output_dim
+        self.phone_ctc_layer = int(cfg.get("phone_ctc_layer") or 0)
+        self.phone_head = nn.Linear(dim, int(cfg["phone_vocab_size"])) if self.phone_ctc_layer else None
+        self.phone_log_probs: torch.Tensor | None = None
+        self.encoder.tap_layer = self.phone_ctc_layer
         self.head_lstm = None
         if cfg["head_lstm_layers"]:
             self.head_lstm = BiLSTMEncoder(dim, cfg["head_lstm_hidden"], cfg["head_lstm_layers"], cfg["dropout"])
@@ -311,6 +325,14 @@ class WhisperCTC(nn.Module):
         """The trainable head on (possibly cached) ``encode`` output -> (log_probs fp32, out_lens)."""
         x = hidden
         self.last_encoded = (hidden, lens) if self.decoder is not None else None
+        if self.phone_head is not None:
+            below_top = self.phone_ctc_layer < len(self.encoder.layers)
+            tapped = self.encoder.tapped if below_top else hidden
+            self.encoder.tapped = None  # read once: a later cached batch must not see this one's
+            if tapped is None or tapped.shape[:2] != hidden.shape[:2]:
+                raise RuntimeError(f"phone_ctc_layer {self.phone_ctc_layer} reads block {self.phone_ctc_layer}'s "
+                                   "output, which a cached encoder output does not have (encoder_cache)")
+            self.phone_log_probs = self.phone_head(tapped).float().log_softmax(-1)
         if self.head_lstm is not None:
             x, lens = self.head_lstm(x, lens)
         logits = self.head(self.dropout(x))
@@ -518,6 +540,13 @@ def resolve_whisper_config(cfg: dict[str, Any]) -> dict[str, Any]:
     from asrflow.train.pretrained.whisper_decoder import decoder_mode
 
     c["decoder"] = decoder_mode(c)
+    layer = int(c.get("phone_ctc_layer") or 0)
+    if layer and not 0 < layer <= c["num_layers"]:
+        raise ValueError(f"whisper_encoder: phone_ctc_layer must be between 1 and num_layers = {c['num_layers']} "
+                         f"(the encoder's output), got {layer}")
+    if layer and int(c.get("phone_vocab_size") or 0) < 2:
+        raise ValueError("whisper_encoder: phone_ctc_layer needs phone_vocab_size (the trainer sets it from the "
+                         "phone lexicon)")
     return c
 
 
