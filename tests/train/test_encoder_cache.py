@@ -102,6 +102,7 @@ def test_a_cached_run_trains_only_the_head_and_matches_the_run_it_replaces(setup
     ({"model": {"name": "whisper_encoder", "freeze": 1}}, "freeze: all"),
     ({"model": {"name": "whisper_encoder", "freeze": "all", "unfreeze_after_steps": 10}}, "unfreeze_after_steps"),
     ({"model": {"name": "conformer"}}, "whisper_encoder"),
+    ({"model": {"name": "whisper_encoder", "freeze": "all", "phone_ctc_layer": 2}}, "phone_ctc_layer is set"),
 ])
 def test_recipes_a_cache_cannot_serve_are_refused(whisper, overrides, says):
     with pytest.raises(EncoderCacheError, match=says.replace(".", r"\.")):

@@ -63,6 +63,9 @@ def check_recipe(params) -> None:
     if int(model.get("unfreeze_after_steps") or 0):
         raise EncoderCacheError("encoder_cache: model.unfreeze_after_steps must be 0 (an unfrozen encoder makes "
                                 "the cache stale); train the frozen phase cached, then init_from its model.pt")
+    if int(model.get("phone_ctc_layer") or 0):
+        raise EncoderCacheError("encoder_cache: model.phone_ctc_layer is set, but the cache holds the frozen encoder's "
+                                "output only, and a frozen encoder learns nothing from a phone head; drop one of them")
     on = [name for name in ("noise", "speed_perturb", "specaugment", "vtlp") if getattr(params, name).get("enabled")]
     if on:
         raise EncoderCacheError(f"encoder_cache: the cached outputs are of the clean, unmasked audio, so "
