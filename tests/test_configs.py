@@ -77,7 +77,8 @@ def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp
                                    "whisper_tiny_swa_late", "whisper_tiny_swa_late_lowwise"}),
     # the default with an auxiliary phone CTC head on the encoder's output or on block 2, each mixed by depth
     ("phone_ctc_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_phones", "whisper_tiny_phones_lowwise",
-                              "whisper_tiny_phones2", "whisper_tiny_phones2_lowwise"}),
+                              "whisper_tiny_phones2", "whisper_tiny_phones2_lowwise", "whisper_tiny_phones_s2",
+                              "whisper_tiny_phones_s2_lowwise"}),
     (("vtlp_probe.yaml", "wise_depth_probe.yaml"),
      {f"whisper_tiny{seed}{mix}" for seed in ("", "_s2", "_s3") for mix in ("", "_wise", "_lowwise")}),
 ])
