@@ -331,7 +331,7 @@ class WhisperCTC(nn.Module):
             self.encoder.tapped = None  # read once: a later cached batch must not see this one's
             if tapped is None or tapped.shape[:2] != hidden.shape[:2]:
                 raise RuntimeError(f"phone_ctc_layer {self.phone_ctc_layer} reads block {self.phone_ctc_layer}'s "
-                                   "output, which a cached encoder output does not have (encoder_cache)")
+                                   "output, which only encode() on this same batch provides")
             self.phone_log_probs = self.phone_head(tapped).float().log_softmax(-1)
         if self.head_lstm is not None:
             x, lens = self.head_lstm(x, lens)
