@@ -79,6 +79,10 @@ def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp
     ("phone_ctc_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_phones", "whisper_tiny_phones_lowwise",
                               "whisper_tiny_phones2", "whisper_tiny_phones2_lowwise", "whisper_tiny_phones_s2",
                               "whisper_tiny_phones_s2_lowwise"}),
+    # the default with random filtering of its log-mel, seeds 1234 and 1235, beside the default of each seed
+    ("filter_augment_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_s2", "whisper_tiny_s2_lowwise",
+                                   "whisper_tiny_fa", "whisper_tiny_fa_lowwise", "whisper_tiny_fa_s2",
+                                   "whisper_tiny_fa_s2_lowwise"}),
     (("vtlp_probe.yaml", "wise_depth_probe.yaml"),
      {f"whisper_tiny{seed}{mix}" for seed in ("", "_s2", "_s3") for mix in ("", "_wise", "_lowwise")}),
 ])

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from asrflow.train.augment import (NoiseInjector, SpecAugment, SpeedPerturb, VocalTractLengthPerturb, vtlp_source_hz,
-                                   warp_log_mel)
+from asrflow.train.augment import (FilterAugment, NoiseInjector, SpecAugment, SpeedPerturb, VocalTractLengthPerturb,
+                                   filter_gains_db, vtlp_source_hz, warp_log_mel)
 
 
 def _waves(lengths, seed=0, amp=0.1):
@@ -261,3 +261,104 @@ def test_vtlp_rejects_bad_settings():
         VocalTractLengthPerturb(seed=0).train()(feats, lens, torch.linspace(50, 7000, 8, dtype=torch.float64), 8000.0)
     with pytest.raises(ValueError, match="Nyquist"):
         VocalTractLengthPerturb(boundary_hz=9000, seed=0).train()(feats, lens, torch.linspace(50, 7000, 10), 8000.0)
+
+
+# --- random filtering (FilterAugment) ----------------------------------------------------------------
+
+def _frontends():
+    from asrflow.train.features import LogMel
+    from asrflow.train.pretrained.whisper import WhisperLogMel
+    return [LogMel(80), WhisperLogMel(80)]
+
+
+@pytest.mark.parametrize("frontend", _frontends(), ids=["logmel", "whisper"])
+def test_a_flat_filter_is_the_recording_played_louder(frontend):
+    """A filter of +6 dB at every frequency (db_range (6, 6)) gives the features of the same recording 6 dB
+    louder (amplitude x 10^(6/20)), in each front end's own log units, wherever the band is above the floor."""
+    waves, lens = _waves([16000, 9000], seed=2, amp=0.05)
+    feats, feat_lens = frontend(waves, lens)
+    louder, _ = frontend(waves * 10 ** (6 / 20), lens)
+    out = FilterAugment(db_range=(6.0, 6.0), seed=0).train()(feats, feat_lens, frontend.units_per_db)
+    for b, n in enumerate(feat_lens.tolist()):
+        real = feats[b, :n]
+        # above the floor: LogMel's log(mel + 1e-6) bends below mel ~ 1e-3; Whisper's clamps at the peak - 8
+        above = real > (math.log(1e-3) if frontend.units_per_db > 0.1 else float(real.min()) + 0.05)
+        assert float(above.float().mean()) > 0.95
+        torch.testing.assert_close(out[b, :n][above], louder[b, :n][above], atol=2e-3, rtol=0)
+        assert torch.equal(out[b, n:], feats[b, n:]), "padded frames are never touched"
+
+
+def test_a_tilt_lowers_high_bands_of_noise_by_its_gain():
+    """A two-point filter from 0 dB at the lowest band to -12 dB at the highest: white noise's log-mel drops
+    by 12 dB at the top, by half of it in the middle band, and the lowest band keeps its level."""
+    from asrflow.train.features import LogMel
+    frontend = LogMel(80)
+    waves, lens = _waves([16000], seed=4, amp=0.1)
+    feats, feat_lens = frontend(waves, lens)
+    aug = FilterAugment(db_range=(-12.0, 0.0), n_points=(2, 2), seed=0).train()
+    gains = FilterAugment(db_range=(-12.0, 0.0), n_points=(2, 2), seed=0).draw(1, 80)[0]
+    out = aug(feats, feat_lens, frontend.units_per_db)
+    change_db = (out - feats)[0].mean(dim=0) / frontend.units_per_db
+    torch.testing.assert_close(change_db.double(), gains, atol=1e-3, rtol=0)
+    # a straight line between the two ends: the middle of the band has their mean
+    torch.testing.assert_close(gains[1:] - gains[:-1], torch.full((79,), float(gains[-1] - gains[0]) / 79,
+                                                                  dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_filter_gains_are_piecewise_linear_within_range_with_the_ends_as_points():
+    g = torch.Generator().manual_seed(1)
+    for n_points in (2, 3, 5, 8):
+        gains = filter_gains_db(80, n_points, (-6.0, 6.0), g)
+        assert gains.shape == (80,) and float(gains.abs().max()) <= 6.0
+        kinks = int(((gains[2:] - 2 * gains[1:-1] + gains[:-2]).abs() > 1e-9).sum())
+        assert kinks <= n_points - 2, "one straight piece between each pair of points"
+    with pytest.raises(ValueError, match="at least 2 points"):
+        filter_gains_db(80, 1, (-6.0, 6.0), g)
+
+
+def test_filter_augment_identity_cases_determinism_and_p():
+    feats = _feats([30, 12, 5], F=80, pad_value=0.0)
+    lens = torch.tensor([30, 12, 5])
+    assert torch.equal(FilterAugment(db_range=(0.0, 0.0), seed=0).train()(feats, lens, 0.23), feats)
+    assert torch.equal(FilterAugment(p=0.0, seed=0).train()(feats, lens, 0.23), feats)
+    assert torch.equal(FilterAugment(seed=0).eval()(feats, lens, 0.23), feats)
+    out = FilterAugment(seed=0).train()(feats, lens, 0.23)
+    assert not torch.equal(out, feats)
+    for b, n in enumerate(lens.tolist()):
+        assert not out[b, n:].any(), "padded frames stay zero"
+        # one curve per utterance: every real frame moved by the same offset
+        assert torch.allclose(out[b, :n] - feats[b, :n], (out[b, 0] - feats[b, 0]).expand(n, -1), atol=1e-6)
+    assert torch.equal(FilterAugment(seed=5).draw(64, 80), FilterAugment(seed=5).draw(64, 80))
+    every = FilterAugment(seed=1).draw(400, 80)
+    half = FilterAugment(p=0.5, seed=1).draw(400, 80)
+    off = (half == 0).all(dim=1)
+    assert 120 < int(off.sum()) < 280
+    # the curves drawn where applied are the ones p=1 draws: p only switches them off
+    assert torch.equal(half[~off], every[~off])
+    # gains spread over the range (a filter of 2-5 points at -6..6 dB per utterance)
+    assert float(every.min()) < -5.0 and float(every.max()) > 5.0
+
+
+def test_filter_augment_rejects_bad_settings():
+    with pytest.raises(ValueError, match="db_range"):
+        FilterAugment(db_range=(6.0, -6.0))
+    with pytest.raises(ValueError, match="n_points"):
+        FilterAugment(n_points=(1, 4))
+    with pytest.raises(ValueError, match="n_points"):
+        FilterAugment(n_points=(5, 3))
+    with pytest.raises(ValueError, match="p must"):
+        FilterAugment(p=-0.1)
+    with pytest.raises(ValueError, match="points on only"):
+        FilterAugment(n_points=(2, 12)).train()(_feats([4], F=10), torch.tensor([4]), 0.23)
+
+
+def test_random_filtering_is_part_of_the_resume_fingerprint_only_when_on():
+    """Off, the recipe's fingerprint is the one checkpoints written before the option existed carry (so they
+    resume); on, a checkpoint trained without it is not resumed with it."""
+    from asrflow.train.params import TrainParams
+    off = TrainParams.from_config({}).fingerprint_spec(["a"], "plan")
+    on = TrainParams.from_config({"filter_augment": {"enabled": True, "db_range": [-6.0, 6.0], "n_points": [2, 5],
+                                                     "p": 1.0}}).fingerprint_spec(["a"], "plan")
+    assert "filter_augment" not in off["params"]
+    assert on["params"]["filter_augment"]["enabled"] is True
+    assert {k: v for k, v in on["params"].items() if k != "filter_augment"} == off["params"]

@@ -99,6 +99,7 @@ def test_a_cached_run_trains_only_the_head_and_matches_the_run_it_replaces(setup
     ({"specaugment": {"enabled": True}}, "specaugment.enabled: false"),
     ({"speed_perturb": {"enabled": True, "factors": [0.9, 1.1]}}, "speed_perturb.enabled: false"),
     ({"vtlp": {"enabled": True}}, "vtlp.enabled: false"),
+    ({"filter_augment": {"enabled": True}}, "filter_augment.enabled: false"),
     ({"model": {"name": "whisper_encoder", "freeze": 1}}, "freeze: all"),
     ({"model": {"name": "whisper_encoder", "freeze": "all", "unfreeze_after_steps": 10}}, "unfreeze_after_steps"),
     ({"model": {"name": "conformer"}}, "whisper_encoder"),

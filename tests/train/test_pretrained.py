@@ -446,6 +446,32 @@ def test_the_trainer_warps_whisper_logmel_with_vtlp_and_learns_from_it(hf_whispe
     log_probs.mean().backward()
 
 
+def test_the_trainer_filters_whisper_logmel_in_its_own_units_after_vtlp(hf_whisper):
+    """features(): random filtering acts on the front end's log-mel (after VTLP, before the model) in that
+    front end's log units, its generator reseeded on a stream of its own: switching it on leaves the draws of
+    the other augmenters as they were."""
+    from types import SimpleNamespace
+
+    from asrflow.train.augment import FilterAugment, VocalTractLengthPerturb
+    from asrflow.train.trainer import Augmenters, features
+
+    model = build_model({"name": "whisper_encoder", "checkpoint": str(hf_whisper[0])}, VOCAB, 80)
+    batch = SimpleNamespace(waves=torch.randn(2, 16000) * 0.1, wave_lens=torch.tensor([16000, 12000]))
+    warped_only = Augmenters(None, None, None, VocalTractLengthPerturb(seed=0))
+    both = Augmenters(None, None, None, VocalTractLengthPerturb(seed=0), filter=FilterAugment(seed=0))
+    for aug in (warped_only, both):
+        aug.reseed(77)
+    warped, lens = features(batch, None, model, warped_only, torch.device("cpu"))
+    feats, _ = features(batch, None, model, both, torch.device("cpu"))
+    both.reseed(77)
+    gains = both.filter.draw(2, 80)
+    for b, n in enumerate(lens.tolist()):
+        offset = (feats[b, :n] - warped[b, :n]) / model.wave_frontend.units_per_db
+        torch.testing.assert_close(offset, gains[b].float().expand(n, -1), atol=1e-3, rtol=0)
+    log_probs, _ = model.train()(feats, lens)
+    log_probs.mean().backward()
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(hf_whisper):
     grads = []
     for ckpt in (False, True):

@@ -72,7 +72,8 @@ class FeatureTimer:
         self.seconds = 0.0
         self._t0: dict[int, float] = {}
         self._handles = []
-        modules = [ctx.logmel, getattr(ctx.model, "cmvn", None), ctx.aug.noise, ctx.aug.speed, ctx.aug.specaug, ctx.aug.vtlp]
+        modules = [ctx.logmel, getattr(ctx.model, "cmvn", None), ctx.aug.noise, ctx.aug.speed, ctx.aug.specaug, ctx.aug.vtlp,
+                   ctx.aug.filter]
         for m in modules:
             if m is not None:
                 self._handles.append(m.register_forward_pre_hook(self._pre))

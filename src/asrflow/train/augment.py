@@ -1,5 +1,5 @@
-"""Data augmentation: SpecAugment and vocal tract length perturbation on features, additive noise and
-speed perturbation on waveforms.
+"""Data augmentation: SpecAugment, vocal tract length perturbation and random filtering on features,
+additive noise and speed perturbation on waveforms.
 
 Each transform is an ``nn.Module`` that only acts in training mode (``.eval()`` makes it the
 identity), respects each utterance's real length (padding is never touched nor counted), and draws
@@ -175,6 +175,73 @@ class VocalTractLengthPerturb(nn.Module):
         if bool((alphas == 1.0).all()):
             return feats
         return warp_log_mel(feats, alphas, centres, nyquist_hz, self.boundary_hz)
+
+
+def filter_gains_db(n_bins: int, n_points: int, db_range: tuple[float, float],
+                    generator: torch.Generator) -> torch.Tensor:
+    """One random equalizer over ``n_bins`` feature bins (FilterAugment's "linear" type, Nam et al. 2022):
+    ``n_points`` gains ~ U(db_range), one at each end of the band and the rest at random bins between,
+    linearly interpolated. -> (n_bins,) float64, in dB."""
+    if n_points < 2:
+        raise ValueError(f"an equalizer needs at least 2 points (one per end of the band), got {n_points}")
+    inner = torch.randperm(max(n_bins - 2, 0), generator=generator)[: n_points - 2] + 1  # distinct inner bins
+    knots = torch.cat([torch.tensor([0]), inner.sort().values, torch.tensor([n_bins - 1])]).to(torch.float64)
+    gains = torch.tensor([_uniform(generator, *db_range) for _ in range(knots.numel())], dtype=torch.float64)
+    return torch.from_numpy(np.interp(np.arange(n_bins, dtype=np.float64), knots.numpy(), gains.numpy()))
+
+
+class FilterAugment(nn.Module):
+    """Random filtering (FilterAugment, Nam et al. 2022, "linear" type): each utterance heard through its own
+    random equalizer, ``2..`` :attr:`max_points` gains ~ U(``db_range``) dB at random frequencies (the band's
+    two ends always among them), linearly interpolated across the mel bands. Voices differ in their spectral
+    envelope's *shape* as well as its frequency scale (which VTLP moves) and recordings differ in their
+    channel's response; this draws a new shape per utterance.
+
+    A filter multiplies the power spectrum, so it adds to a log spectrum: the gain in dB is turned into the
+    front end's log units by ``units_per_db`` (natural-log mels: ln(10) / 10; Whisper's log10 mels scaled by
+    1/4: 1/40) and added to the real frames only (padding is never touched). It acts on log-mel features
+    before CMVN, as VTLP does. A per-band gain of a mel band is the gain of a filter that is smooth across
+    that band's width, which the linear interpolation between points tens of bands apart is.
+    """
+
+    def __init__(self, db_range: Sequence[float] = (-6.0, 6.0), n_points: Sequence[int] = (2, 5), p: float = 1.0,
+                 seed: int | None = None, generator: torch.Generator | None = None):
+        super().__init__()
+        low, high = (float(x) for x in db_range)
+        if not low <= high:
+            raise ValueError(f"filter_augment db_range must be [low, high] with low <= high, got {list(db_range)}")
+        fewest, most = (int(x) for x in n_points)
+        if not 2 <= fewest <= most:
+            raise ValueError(f"filter_augment n_points must be [fewest, most] with 2 <= fewest <= most, got {list(n_points)}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"filter_augment p must be in [0, 1], got {p}")
+        self.db_range, self.n_points, self.p = (low, high), (fewest, most), float(p)
+        self.generator = make_generator(seed, generator)
+
+    def draw(self, batch: int, n_bins: int) -> torch.Tensor:
+        """This batch's gains (B, n_bins) in dB, 0 where the draw says no. Every draw is made for every
+        utterance, so one utterance's filter depends neither on ``p`` nor on the others'."""
+        if n_bins < self.n_points[1]:
+            raise ValueError(f"filter_augment: {self.n_points[1]} points on only {n_bins} feature bins")
+        gains = torch.zeros(batch, n_bins, dtype=torch.float64)
+        for b in range(batch):
+            apply = float(torch.rand((), generator=self.generator)) < self.p
+            n = self.n_points[0] + _randint(self.generator, self.n_points[1] - self.n_points[0] + 1)
+            curve = filter_gains_db(n_bins, n, self.db_range, self.generator)
+            if apply:
+                gains[b] = curve
+        return gains
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, units_per_db: float) -> torch.Tensor:
+        """feats (B, T, F) log-mel, lengths (B,) -> filtered copy (B, T, F)."""
+        if not self.training:
+            return feats
+        gains = self.draw(feats.size(0), feats.size(-1))
+        if bool((gains == 0).all()):
+            return feats
+        real = lengths_to_mask(lengths.to(feats.device), feats.size(1))[:, :, None]
+        offset = (gains * float(units_per_db)).to(feats.device, feats.dtype)[:, None, :]
+        return feats + offset * real
 
 
 @dataclass

@@ -70,6 +70,9 @@ class LogMel(nn.Module):
             hop_length=self.hop_length, n_mels=self.n_mels, power=2.0, center=False,
         )
 
+    # the features are natural logs of power: a gain of g dB (power x 10^(g/10)) adds g * ln(10) / 10
+    units_per_db = math.log(10.0) / 10.0
+
     def band_centres_hz(self) -> torch.Tensor:
         """Each mel band's centre frequency (torchaudio's MelSpectrogram: HTK mels over 0 to Nyquist)."""
         return mel_band_centres_hz(self.n_mels, 0.0, self.sample_rate / 2, "htk")

@@ -31,9 +31,12 @@ class TrainParams:
     # vocal tract length perturbation of log-mel features (augment.VocalTractLengthPerturb); off by default
     vtlp: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "factors": [0.9, 1.1],
                                                            "boundary_hz": 4800.0, "p": 1.0})
+    # random filtering of log-mel features (augment.FilterAugment: a random equalizer per utterance); off by default
+    filter_augment: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "db_range": [-6.0, 6.0],
+                                                                     "n_points": [2, 5], "p": 1.0})
     # the running mean of the run's own weights (train.weight_average), exported instead of the best checkpoint
     weight_average: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "start_step": 1, "every": 1})
-    augment_after_steps: int = 0         # noise, speed perturbation, SpecAugment and VTLP start at this step
+    augment_after_steps: int = 0         # noise, speed perturbation, SpecAugment, VTLP and filtering start here
     speed_perturb: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "factors": [0.9, 1.0, 1.1]})
     oversample_temperature: float = 2.0  # 1 or 0: off
     class_weight_power: float = 0.0      # 0: off; 0.5: weights ∝ 1/sqrt(dialect frequency)
@@ -76,6 +79,8 @@ class TrainParams:
             spec.pop(k)
         if not spec["vtlp"].get("enabled"):  # off: the spec of checkpoints written before VTLP existed, so they resume
             spec.pop("vtlp")
+        if not spec["filter_augment"].get("enabled"):  # likewise for checkpoints written before random filtering
+            spec.pop("filter_augment")
         if not spec["weight_average"].get("enabled"):  # likewise for checkpoints written before weight averaging
             spec.pop("weight_average")
         return {"params": spec, "vocab": vocab_symbols, "plan": plan_digest}

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from asrflow.text import CharVocab
-from asrflow.train.augment import NoiseInjector, SpecAugment, SpeedPerturb, VocalTractLengthPerturb
+from asrflow.train.augment import FilterAugment, NoiseInjector, SpecAugment, SpeedPerturb, VocalTractLengthPerturb
 from asrflow.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint)
 from asrflow.train.data import Batch, BatchLoader, UtteranceIndex
 from asrflow.train.distributed import World, average_batchnorm_statistics
@@ -53,12 +54,15 @@ class Augmenters:
     # prep's loudness normalization, applied again after noise is mixed in: inference normalizes the
     # noisy recording it is given, so training must see noisy speech at that level too
     frontend: Any = None
+    filter: FilterAugment | None = None
 
     def reseed(self, seed: int) -> None:
         """Per-step seeds: a resumed run draws exactly what an uninterrupted one would have."""
         for k, module in enumerate((self.noise, self.speed, self.specaug, self.vtlp)):
             if module is not None:
                 module.generator.manual_seed(seed * 4 + k)
+        if self.filter is not None:  # a stream of its own: the four above keep the seeds they always had
+            self.filter.generator.manual_seed(int(np.random.SeedSequence([seed, 4]).generate_state(1, np.uint64)[0]) % 2**63)
 
 
 def step_seed(params: TrainParams, epoch: int, batch_index: int, rank: int) -> int:
@@ -98,7 +102,11 @@ def build_augmenters(params: TrainParams, noise_manifest: Path | None, frontend:
     if params.vtlp.get("enabled"):
         opts = {k: v for k, v in params.vtlp.items() if k != "enabled"}
         vtlp = VocalTractLengthPerturb(**opts, seed=params.seed)
-    return Augmenters(noise, speed, spec, vtlp, frontend if noise is not None else None)
+    filter_aug = None
+    if params.filter_augment.get("enabled"):
+        opts = {k: v for k, v in params.filter_augment.items() if k != "enabled"}
+        filter_aug = FilterAugment(**opts, seed=params.seed)
+    return Augmenters(noise, speed, spec, vtlp, frontend if noise is not None else None, filter_aug)
 
 
 def renormalize(waves: torch.Tensor, lens: torch.Tensor, frontend: Any) -> torch.Tensor:
@@ -111,7 +119,8 @@ def renormalize(waves: torch.Tensor, lens: torch.Tensor, frontend: Any) -> torch
 
 def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmenters | None, device: torch.device):
     """Waveforms -> (augmented, normalized) log-mel on the device. Noise and speed act on the waveform,
-    VTLP on the log-mel before CMVN (it interpolates between bands, whose scales CMVN makes unequal),
+    VTLP and random filtering on the log-mel before CMVN (VTLP interpolates between bands, whose scales CMVN
+    makes unequal; a filter's gain in dB is a fixed offset only in log-mel units),
     SpecAugment on CMVN-normalized features (so its mask value 0 is the mean)."""
     waves, lens = batch.waves, batch.wave_lens
     if aug is not None and aug.noise is not None:
@@ -125,6 +134,8 @@ def features(batch: Batch, logmel: LogMel, model: torch.nn.Module, aug: Augmente
     logmel_input = getattr(model, "feature_kind", "logmel") == "logmel"  # wav2vec2 takes waveforms
     if aug is not None and aug.vtlp is not None and logmel_input:
         feats = aug.vtlp(feats, feat_lens, frontend.band_centres_hz(), frontend.sample_rate / 2)
+    if aug is not None and aug.filter is not None and logmel_input:
+        feats = aug.filter(feats, feat_lens, frontend.units_per_db)
     if model.cmvn is not None:
         feats = model.cmvn(feats, feat_lens)
     if aug is not None and aug.specaug is not None and logmel_input:

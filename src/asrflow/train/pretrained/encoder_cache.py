@@ -66,7 +66,7 @@ def check_recipe(params) -> None:
     if int(model.get("phone_ctc_layer") or 0):
         raise EncoderCacheError("encoder_cache: model.phone_ctc_layer is set, but the cache holds the frozen encoder's "
                                 "output only, and a frozen encoder learns nothing from a phone head; drop one of them")
-    on = [name for name in ("noise", "speed_perturb", "specaugment", "vtlp") if getattr(params, name).get("enabled")]
+    on = [name for name in ("noise", "speed_perturb", "specaugment", "vtlp", "filter_augment") if getattr(params, name).get("enabled")]
     if on:
         raise EncoderCacheError(f"encoder_cache: the cached outputs are of the clean, unmasked audio, so "
                                 f"{', '.join(on)} cannot apply; set {', '.join(f'{n}.enabled: false' for n in on)} "

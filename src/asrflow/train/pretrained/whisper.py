@@ -115,6 +115,9 @@ class WhisperLogMel(nn.Module):
         self.register_buffer("mel_filters", fb.T.contiguous(), persistent=False)  # (mels, freqs)
         self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
 
+    # the features are log10 of power over 4: a gain of g dB (power x 10^(g/10)) adds g / 40
+    units_per_db = 1.0 / 40.0
+
     def band_centres_hz(self) -> torch.Tensor:
         """Each mel band's centre frequency (Slaney mels over 0 to 8 kHz, as ``mel_filters``)."""
         return mel_band_centres_hz(self.n_mels, 0.0, SAMPLE_RATE / 2, "slaney")
