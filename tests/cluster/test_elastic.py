@@ -1,4 +1,5 @@
-"""Elastic Horovod: one of two workers is SIGKILLed mid-training and training finishes on the other.
+"""Elastic Horovod: one of two workers is SIGKILLed mid-training and training finishes on the other, with the
+running mean of its weights (``training.weight_average``) intact.
 
 ``horovodrun --gloo --min-np 1 --max-np 2 --host-discovery-script workflow_scripts/discover_hosts.sh``
 runs ``python -m asrflow.train.elastic`` with one slot on each of two host names of this machine
@@ -17,6 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from asrflow.train.checkpoint import latest_checkpoint
 
 from ..train.trainer_fixtures import PYTHON, REPO, VENV_BIN, build_setup, clean_env
 
@@ -74,7 +78,8 @@ class Output:
 
 def test_training_goes_on_after_a_worker_is_killed(tmp_path):
     setup = build_setup(tmp_path / "data", n_train=24, n_dev=4)
-    params = setup.params_file("elastic", epochs=EPOCHS, checkpoint_every_steps=0, log_every=1)
+    params = setup.params_file("elastic", epochs=EPOCHS, checkpoint_every_steps=0, log_every=1,
+                               weight_average={"enabled": True, "start_step": 1, "every": 1})
     out_dir, log_dir = tmp_path / "out", tmp_path / "workers"
     hosts_file = tmp_path / "hosts"
     hosts_file.write_text("# host:slots, read by workflow_scripts/discover_hosts.sh\nlocalhost:1\n127.0.0.1:1\n")
@@ -114,3 +119,13 @@ def test_training_goes_on_after_a_worker_is_killed(tmp_path):
     assert workers_per_epoch[0] == 2 and workers_per_epoch[-1] == 1, workers_per_epoch
     assert (out_dir / "model.pt").stat().st_size > 10_000
     assert time.time() - killed_at < 240
+    # the weight mean: the killed rank 0 held it; the survivor, rank 0 now, kept its own, rolled back with the
+    # weights to the last commit, so the steps it redid are averaged once: one entry per step of the run
+    final = torch.load(latest_checkpoint(out_dir / "checkpoints"), map_location="cpu", weights_only=False)
+    steps = final["state"]["global_step"]
+    assert summary["weight_average"] == {"steps_averaged": steps, "start_step": 1, "every": 1}
+    assert final["weight_average"]["count"] == steps
+    exported = torch.load(out_dir / "model.pt", map_location="cpu", weights_only=False)["model"]
+    mean = final["weight_average"]["weights"]
+    assert all(torch.equal(exported[k], mean[k].to(exported[k].dtype)) for k in exported)
+    assert any(not torch.equal(exported[k], final["model"][k]) for k in exported if torch.is_floating_point(exported[k]))

@@ -117,14 +117,3 @@ def test_training_averages_exports_the_mean_and_a_resumed_run_averages_the_same(
     assert again.weight_average.count == 3
     for name, value in again.weight_average.weights.items():
         assert torch.equal(value, ctx.weight_average.weights[name]), name
-
-
-def test_elastic_training_refuses_weight_averaging_before_it_starts(setup, tmp_path):
-    """A reset of elastic training rolls the weights back and may move rank 0 elsewhere: the mean could not
-    be kept honest, so the worker stops at once, before joining any Horovod ring or writing anything."""
-    from asrflow.train import elastic
-
-    params = setup.params_file("elastic-swa", weight_average=AVERAGE)
-    with pytest.raises(SystemExit, match="weight_average is not supported by elastic training"):
-        elastic.main(["--commit-every", "5", *setup.args(params, tmp_path / "out")])
-    assert not (tmp_path / "out").exists()

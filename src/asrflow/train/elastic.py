@@ -23,6 +23,12 @@ at each epoch's end. A failure loses the steps since the last commit. Checkpoint
 trainer's own (``checkpoints/step-*.pt``, ``best.pt``), so a non-elastic run can resume from them and
 this one resumes from a non-elastic run's.
 
+The running mean of the weights (``training.weight_average``) is part of the elastic state: every rank
+keeps the same mean (every rank holds the same weights after each step), a commit stores a copy of it with
+the weights, a reset rolls it back with them to the last commit, and the sync after a reset broadcasts rank
+0's, so a worker that joins (or a survivor that becomes rank 0) holds the mean of exactly the committed
+trajectory; steps redone after a rollback are averaged once.
+
 Limits: the mixed-precision loss scaler is not part of the elastic state (it restarts at its initial
 scale after a reset), and MLflow records the run at the end, from the final rank 0.
 """
@@ -89,9 +95,10 @@ def setup_logging(log_dir: Path | None) -> None:
 class ElasticTrainer:
     """The trainer's epoch loop (``run_batches``) inside ``hvd.elastic.run``, with a commit hook.
 
-    The elastic state holds the model, the optimizer and the TrainState as one value (``train``): a
-    commit stores a fresh copy of it, so the working TrainState of the loop never leaks uncommitted
-    changes past a restore (ObjectState keeps references).
+    The elastic state holds the model, the optimizer, the TrainState as one value (``train``) and the weight
+    mean's state (``weight_average``, None when off): a commit stores fresh copies of both, so the working
+    TrainState and mean of the loop never leak uncommitted changes past a restore (ObjectState keeps
+    references).
     """
 
     def __init__(self, ctx: Context, commit_every: int):
@@ -130,12 +137,18 @@ class ElasticTrainer:
         import horovod.torch as hvd
 
         self.state = hvd.elastic.TorchState(model=self.ctx.model, optimizer=self.ctx.optimizer,
-                                            train=copy.deepcopy(resumed), epoch_batches=0)
+                                            train=copy.deepcopy(resumed), epoch_batches=0,
+                                            weight_average=self.weight_mean_copy())
         self.state.register_reset_callbacks([self.on_reset])
         return self.state
 
+    def weight_mean_copy(self) -> dict | None:
+        wa = self.ctx.weight_average
+        return None if wa is None else copy.deepcopy(wa.state_dict())
+
     def commit(self, working: TrainState) -> None:
         self.state.train = copy.deepcopy(working)
+        self.state.weight_average = self.weight_mean_copy()
         self.state.commit()
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -154,6 +167,8 @@ class ElasticTrainer:
         trainer's fit() loop, with commits."""
         ctx = self.ctx
         ts = copy.deepcopy(state.train)  # the working copy; committed copies live in state.train
+        if ctx.weight_average is not None:  # the committed mean, rank 0's after a reset's sync
+            ctx.weight_average.load_state_dict(state.weight_average)
         while not ts.stop_reason:
             if stop_after_epoch(ctx, ts) or should_stop(ctx, ts):
                 break
@@ -197,10 +212,6 @@ def resume_locally(ctx: Context) -> TrainState:
 def main(argv: list[str] | None = None) -> int:
     own, args = parse_args(argv)
     params = TrainParams.from_config(json.loads(args.params.read_text()))
-    if params.weight_average.get("enabled"):
-        # a reset rolls the weights back to the last commit and may hand rank 0 to a host without the mean
-        raise SystemExit(f"{args.params}: weight_average is not supported by elastic training (a reset rolls the "
-                         "weights back and may move rank 0 to a host without the mean); train without --elastic")
     world = ElasticWorld()
     setup_logging(args.log_dir)
     ctx = build_context(args, params, world)
