@@ -192,7 +192,7 @@ def filter_gains_db(n_bins: int, n_points: int, db_range: tuple[float, float],
 
 class FilterAugment(nn.Module):
     """Random filtering (FilterAugment, Nam et al. 2022, "linear" type): each utterance heard through its own
-    random equalizer, ``2..`` :attr:`max_points` gains ~ U(``db_range``) dB at random frequencies (the band's
+    random equalizer, ``n_points = (fewest, most)`` gains ~ U(``db_range``) dB at random frequencies (the band's
     two ends always among them), linearly interpolated across the mel bands. Voices differ in their spectral
     envelope's *shape* as well as its frequency scale (which VTLP moves) and recordings differ in their
     channel's response; this draws a new shape per utterance.
@@ -200,8 +200,8 @@ class FilterAugment(nn.Module):
     A filter multiplies the power spectrum, so it adds to a log spectrum: the gain in dB is turned into the
     front end's log units by ``units_per_db`` (natural-log mels: ln(10) / 10; Whisper's log10 mels scaled by
     1/4: 1/40) and added to the real frames only (padding is never touched). It acts on log-mel features
-    before CMVN, as VTLP does. A per-band gain of a mel band is the gain of a filter that is smooth across
-    that band's width, which the linear interpolation between points tens of bands apart is.
+    before CMVN, as VTLP does. One gain per mel band is exact for a filter that is flat across each band's
+    width, which a straight line between points tens of bands apart nearly is.
     """
 
     def __init__(self, db_range: Sequence[float] = (-6.0, 6.0), n_points: Sequence[int] = (2, 5), p: float = 1.0,
