@@ -289,8 +289,8 @@ def test_a_flat_filter_is_the_recording_played_louder(frontend):
 
 
 def test_a_tilt_lowers_high_bands_of_noise_by_its_gain():
-    """A two-point filter from 0 dB at the lowest band to -12 dB at the highest: white noise's log-mel drops
-    by 12 dB at the top, by half of it in the middle band, and the lowest band keeps its level."""
+    """A two-point filter (a tilt between two gains drawn in -12..0 dB at the band's ends): white noise's
+    log-mel changes, band by band, by exactly the filter's gain in dB, a straight line from end to end."""
     from asrflow.train.features import LogMel
     frontend = LogMel(80)
     waves, lens = _waves([16000], seed=4, amp=0.1)
