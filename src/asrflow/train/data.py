@@ -51,6 +51,10 @@ class Batch:
     phone_target_lens: torch.Tensor | None = None  # (B,)
     # the transcripts themselves, for a loss that tokenizes them its own way (Whisper's auxiliary decoder)
     texts: list[str] | None = None
+    # who speaks each utterance, for the voice adversary (asrflow.train.adversary): the manifest's speaker
+    # and its "engine:voice" ("" where it has none)
+    speakers: list[str] | None = None
+    voices: list[str] | None = None
 
     @property
     def audio_seconds(self) -> float:
@@ -61,7 +65,7 @@ class Batch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(self.ids, pin(self.waves), pin(self.wave_lens), pin(self.targets), pin(self.target_lens),
                      self.dialects, pin(self.encoded), pin(self.encoded_lens), pin(self.phone_targets),
-                     pin(self.phone_target_lens), self.texts)
+                     pin(self.phone_target_lens), self.texts, self.speakers, self.voices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,8 @@ class UtteranceMeta:
     text: str
     dialect: str
     duration: float
+    speaker: str = ""
+    voice: str = ""  # "engine:voice" where the manifest names them (the synthetic corpus), else ""
 
 
 class UtteranceIndex:
@@ -81,7 +87,10 @@ class UtteranceIndex:
             self.add(u)
 
     def add(self, u: Utterance) -> None:
-        self.meta[u.id] = UtteranceMeta(str(u.audio), u.text, sys.intern(u.dialect), float(u.duration))
+        engine, voice = u.extra.get("engine"), u.extra.get("voice")
+        self.meta[u.id] = UtteranceMeta(str(u.audio), u.text, sys.intern(u.dialect), float(u.duration),
+                                        sys.intern(str(u.speaker)),
+                                        sys.intern(f"{engine}:{voice}") if engine and voice else "")
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -149,7 +158,7 @@ class BatchReader(torch.utils.data.Dataset):
         if self.phones is not None:
             phones, phone_lens = pad_targets([self.phones.encode(m.text) for m in metas])
         return Batch(ids, padded, lens, targets, tlens, [m.dialect for m in metas], hidden, hidden_lens,
-                     phones, phone_lens, [m.text for m in metas])
+                     phones, phone_lens, [m.text for m in metas], [m.speaker for m in metas], [m.voice for m in metas])
 
     def __len__(self) -> int:  # DataLoader asks; sampling is by request, never by position
         return len(self.index) if self.index is not None else 0

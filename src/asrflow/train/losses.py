@@ -45,6 +45,7 @@ class CTCLossOutput:
     loss: torch.Tensor
     ctc: torch.Tensor
     smooth: torch.Tensor
+    adversary: torch.Tensor | None = None  # the voice adversary's cross-entropy, where one trains (train.adversary)
 
 
 def frame_mask(out_lens: torch.Tensor, max_len: int) -> torch.Tensor:

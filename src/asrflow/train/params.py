@@ -36,6 +36,9 @@ class TrainParams:
                                                                      "n_points": [2, 5], "p": 1.0})
     # the running mean of the run's own weights (train.weight_average), exported instead of the best checkpoint
     weight_average: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "start_step": 1, "every": 1})
+    # a classifier of the training voices on the encoder's output, its gradient reversed (train.adversary); off by default
+    voice_adversary: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "weight": 0.1, "label": "voice",
+                                                                      "hidden": 256, "ramp_steps": 200})
     augment_after_steps: int = 0         # noise, speed perturbation, SpecAugment, VTLP and filtering start here
     speed_perturb: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "factors": [0.9, 1.0, 1.1]})
     oversample_temperature: float = 2.0  # 1 or 0: off
@@ -83,4 +86,6 @@ class TrainParams:
             spec.pop("filter_augment")
         if not spec["weight_average"].get("enabled"):  # likewise for checkpoints written before weight averaging
             spec.pop("weight_average")
+        if not spec["voice_adversary"].get("enabled"):  # likewise for checkpoints written before the voice adversary
+            spec.pop("voice_adversary")
         return {"params": spec, "vocab": vocab_symbols, "plan": plan_digest}

@@ -88,6 +88,7 @@ def build_context(args: argparse.Namespace, params: TrainParams, world) -> Conte
     check_decoder_loss(params)
     torch.manual_seed(params.seed)  # identical initial weights on every rank (rank 0's are broadcast anyway)
     model = build_model(params.model, len(vocab), params.n_mels, cmvn=cmvn).to(device)
+    attach_adversary(model, params, index, plan, device)
     loader = BatchLoader(index, vocab, workers=params.loader_workers,
                          prefetch_factor=params.prefetch_factor, persistent_workers=params.persistent_workers,
                          pin_memory=device.type == "cuda", encoded=open_encoder_cache(args, params, model, index),
@@ -150,6 +151,22 @@ def load_index(manifest: Path, plan_path: Path, params: TrainParams,
         raise ValueError(f"{plan_path}: {len(missing)} planned utterance(s) not in {manifest}, "
                          f"e.g. {sorted(missing)[:3]}: rebuild the plan (rule bucketing)")
     return index, dev_ids
+
+
+def attach_adversary(model, params: TrainParams, index, plan: BucketPlan, device: torch.device) -> None:
+    """training.voice_adversary: the voice classifier on the encoder's output (asrflow.train.adversary), its
+    classes the training utterances' voices (or speakers), sorted so that every rank numbers them alike."""
+    from asrflow.train.adversary import AdversarySettings, attach_voice_adversary, utterance_label
+
+    settings = AdversarySettings.from_dict(params.voice_adversary)
+    if not settings.enabled:
+        return
+    if params.encoder_cache:
+        raise ValueError("voice_adversary needs the encoder to run (and train); encoder_cache skips it: turn one off")
+    classes = sorted({utterance_label(index[u].voice, index[u].speaker, settings.label) for u in plan.durations})
+    attach_voice_adversary(model, settings, classes).to(device)
+    log.info("voice adversary on the encoder's output: %d %ss, weight %.2f, reversal ramped in over %d steps",
+             len(classes), settings.label, settings.weight, settings.ramp_steps)
 
 
 def check_decoder_loss(params: TrainParams) -> None:

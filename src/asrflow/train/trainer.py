@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from asrflow.text import CharVocab
+from asrflow.train.adversary import MODULE_NAME as ADVERSARY, AdversarySettings, reversal_scale, utterance_label
 from asrflow.train.augment import FilterAugment, NoiseInjector, SpecAugment, SpeedPerturb, VocalTractLengthPerturb
 from asrflow.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint)
 from asrflow.train.data import Batch, BatchLoader, UtteranceIndex
@@ -218,6 +219,21 @@ def augmenters_at(ctx: "Context", step: int) -> Augmenters | None:
     return ctx.aug if step >= ctx.params.augment_after_steps else None
 
 
+def add_adversary_loss(ctx: "Context", out: Any, batch: Batch, step: int) -> None:
+    """``out.loss`` += weight x the voice adversary's cross-entropy on this batch (asrflow.train.adversary),
+    its gradient into the encoder reversed and ramped in by ``step``; nothing for a model without one."""
+    adversary = getattr(ctx.model, ADVERSARY, None)
+    if adversary is None:
+        return
+    s = AdversarySettings.from_dict(ctx.params.voice_adversary)
+    if batch.voices is None or batch.speakers is None:
+        raise ValueError("voice_adversary: the batch carries no speakers or voices")
+    labels = [utterance_label(voice, speaker, s.label) for voice, speaker in zip(batch.voices, batch.speakers)]
+    ce = adversary.loss(labels, reversal_scale(step, s.ramp_steps))
+    out.adversary = ce.detach()
+    out.loss = out.loss + s.weight * ce
+
+
 @dataclass
 class StepOutcome:
     out: Any                   # the loss output (loss, ctc, smooth)
@@ -241,6 +257,7 @@ def training_step(ctx: "Context", batch: Batch, step: int = 0, stop_vote: bool =
     bn_saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
     out = compute_loss(ctx.model, ctx.loss_fn, batch, ctx.logmel, augmenters_at(ctx, step), ctx.device, ctx.amp_dtype,
                        ctx.class_weights, *auxiliary_ctc_weights(ctx.params.loss))
+    add_adversary_loss(ctx, out, batch, step)
     opt.zero_grad()
     stepped, grad_norm = False, torch.tensor(float("nan"))
     finite, stop = agree_on_step(out.loss.detach(), world, stop_vote)
@@ -350,6 +367,7 @@ class Window:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.utts = self.audio = self.loss = self.ctc = self.smooth = self.grad = self.wait = self.step_s = 0.0
+        self.adversary = 0.0
         self.n = 0
 
     def add(self, r: StepRecord) -> None:
@@ -359,6 +377,7 @@ class Window:
         self.loss += float(out.loss.detach())
         self.ctc += float(out.ctc.detach())
         self.smooth += float(out.smooth.detach())
+        self.adversary += float(out.adversary) if getattr(out, "adversary", None) is not None else 0.0
         self.grad += float(r.outcome.grad_norm) if torch.isfinite(r.outcome.grad_norm) else 0.0
         self.wait += r.loader_wait_seconds
         self.step_s += r.step_seconds
@@ -375,10 +394,15 @@ def log_window(ctx: "Context", state: TrainState, w: Window) -> None:
                "utt_per_s": float(totals[0]) / elapsed, "audio_s_per_s": float(totals[1]) / elapsed,
                "loader_wait_share": w.wait / max(1e-9, w.step_s), "skipped_steps": state.skipped_steps,
                "epoch": state.epoch}
+    if getattr(ctx.model, ADVERSARY, None) is not None:  # near ln(classes): the encoder hides the voice
+        metrics["train_adversary_ce"] = w.adversary / steps
     if ctx.world.is_main:
         log.info("epoch %d step %d loss %.3f lr %.2e workers %d %.1f utt/s loader wait %.1f%% skipped %d", state.epoch,
                  state.global_step, metrics["train_loss"], metrics["lr"], ctx.world.size, metrics["utt_per_s"],
                  100 * metrics["loader_wait_share"], state.skipped_steps)
+        if "train_adversary_ce" in metrics:
+            log.info("voice adversary cross-entropy %.3f (chance: %.3f)", metrics["train_adversary_ce"],
+                     math.log(len(getattr(ctx.model, ADVERSARY).classes)))
         if ctx.tracker is not None:
             ctx.tracker.metrics(metrics, step=state.global_step)
         if ctx.progress is not None:

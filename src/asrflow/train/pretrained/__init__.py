@@ -123,10 +123,12 @@ def exportable_model_config(model: nn.Module, fallback: dict[str, Any]) -> dict[
 
 
 def exportable_weights(model_config: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
-    """A trained state dict less what training alone used (a whisper_encoder's auxiliary ``decoder.*``)."""
-    if model_config.get("name") == "whisper_encoder":
-        return {k: v for k, v in weights.items() if not k.startswith("decoder.")}
-    return weights
+    """A trained state dict less what training alone used: a whisper_encoder's auxiliary ``decoder.*`` and any
+    model's voice adversary (``voice_adversary.*``, asrflow.train.adversary)."""
+    from asrflow.train.adversary import MODULE_NAME
+
+    training_only = (f"{MODULE_NAME}.",) + (("decoder.",) if model_config.get("name") == "whisper_encoder" else ())
+    return {k: v for k, v in weights.items() if not k.startswith(training_only)}
 
 
 def bundled_whisper_tiny_en() -> Path | None:
