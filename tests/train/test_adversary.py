@@ -1,30 +1,23 @@
-"""The voice adversary (asrflow.train.adversary): gradient reversal, pooling over real frames, and the trainer
-training it beside the CTC loss while model.pt leaves it out."""
+"""The voice adversary (asrflow.train.adversary): a classifier that learns the voices, an encoder that learns to
+confuse it, pooling over real frames, and the trainer training both beside CTC while model.pt leaves it out."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from asrflow.train.adversary import (AdversarySettings, VoiceAdversary, attach_voice_adversary, mean_pool,
-                                     reversal_scale, reverse_gradient, utterance_label)
+from asrflow.train.adversary import (AdversarySettings, VoiceAdversary, attach_voice_adversary, confusion_scale,
+                                     mean_pool, utterance_label)
 
 from . import trainer_fixtures as F
 
 
-def test_gradient_reversal_is_the_identity_forward_and_minus_scale_backward():
-    x = torch.randn(3, 4, requires_grad=True)
-    y = reverse_gradient(x, 0.7)
-    assert torch.equal(y, x)
-    g = torch.randn(3, 4)
-    y.backward(g)
-    torch.testing.assert_close(x.grad, -0.7 * g)
-
-
-def test_the_reversal_is_ramped_in_linearly():
-    assert [reversal_scale(s, 200) for s in (0, 50, 200, 1000)] == [0.0, 0.25, 1.0, 1.0]
-    assert reversal_scale(0, 0) == 1.0
+def test_the_confusion_term_is_ramped_in_linearly():
+    assert [confusion_scale(s, 200) for s in (0, 50, 200, 1000)] == [0.0, 0.25, 1.0, 1.0]
+    assert confusion_scale(0, 0) == 1.0
 
 
 def test_mean_pool_counts_real_frames_only():
@@ -56,37 +49,55 @@ class _Model(nn.Module):
         return self.encoder(x, lens)
 
 
-def _adversary_ce(model, x, lens, labels, scale=1.0):
+def _adversary_losses(model, x, lens, labels, confusion_weight=1.0):
     model(x, lens)
-    return model.voice_adversary.loss(labels, scale)
+    return model.voice_adversary.loss(labels, confusion_weight)
 
 
-def test_the_classifier_learns_the_voice_and_the_encoder_is_pushed_to_hide_it():
-    """One gradient step on the classifier alone lowers its cross-entropy; one on the encoder alone, through the
-    reversed gradient, raises it: the encoder moves to make the voice harder to tell."""
+def _two_voices():
     torch.manual_seed(0)
     x, lens = torch.randn(8, 10, 5), torch.full((8,), 10)
     x[:4] += 1.0  # two "voices" that differ in their mean: the classifier can tell them apart
-    labels = ["a"] * 4 + ["b"] * 4
     model = _Model()
     attach_voice_adversary(model, AdversarySettings(enabled=True), ["a", "b"])
-    for part, direction in ((model.voice_adversary, -1), (model.encoder, +1)):
-        before = float(_adversary_ce(model, x, lens, labels).detach())
-        model.zero_grad()
-        _adversary_ce(model, x, lens, labels).backward()
+    return model, x, lens, ["a"] * 4 + ["b"] * 4
+
+
+def test_each_term_trains_its_own_side_only():
+    """The classifier's cross-entropy reaches the classifier alone, the confusion term the encoder alone."""
+    model, x, lens, labels = _two_voices()
+    for term, trained, untouched in ((0, model.voice_adversary, model.encoder), (1, model.encoder, model.voice_adversary)):
+        model.zero_grad(set_to_none=True)
+        _adversary_losses(model, x, lens, labels)[term].backward()
+        assert all(p.grad is None for p in untouched.parameters()), term
+        assert all(p.grad is not None and float(p.grad.abs().max()) > 0 for p in trained.parameters()), term
+
+
+def test_the_classifier_learns_the_voice_and_the_encoder_learns_to_hide_it():
+    """A gradient step on the classifier lowers its cross-entropy on the true voices; one on the encoder moves
+    the classifier's prediction towards uniform (its confusion term falls towards ln 2)."""
+    model, x, lens, labels = _two_voices()
+    for term, part in ((0, model.voice_adversary), (1, model.encoder)):
+        before = float(_adversary_losses(model, x, lens, labels)[term].detach())
+        model.zero_grad(set_to_none=True)
+        _adversary_losses(model, x, lens, labels)[term].backward()
         with torch.no_grad():
             for p in part.parameters():
                 p -= 0.05 * p.grad
-        after = float(_adversary_ce(model, x, lens, labels).detach())
-        assert direction * (after - before) > 0, (part, before, after)
+        after = float(_adversary_losses(model, x, lens, labels)[term].detach())
+        assert after < before, (term, before, after)
+    assert float(_adversary_losses(model, x, lens, labels)[1].detach()) >= math.log(2) - 1e-6
 
 
-def test_with_scale_zero_the_encoder_gets_no_gradient_from_the_adversary():
-    model = _Model()
-    attach_voice_adversary(model, AdversarySettings(enabled=True), ["a", "b"])
-    _adversary_ce(model, torch.randn(2, 3, 5), torch.tensor([3, 2]), ["a", "b"], scale=0.0).backward()
-    assert all(float(p.grad.abs().max()) == 0.0 for p in model.encoder.parameters())
-    assert any(float(p.grad.abs().max()) > 0.0 for p in model.voice_adversary.parameters())
+def test_the_confusion_term_is_lowest_for_a_prediction_that_says_nothing():
+    """Its floor is ln(number of voices), reached by a uniform prediction; it is scaled by the ramp's weight."""
+    model, x, lens, labels = _two_voices()
+    with torch.no_grad():
+        model.voice_adversary.net[2].weight.zero_()
+        model.voice_adversary.net[2].bias.zero_()
+    confused = _adversary_losses(model, x, lens, labels)[1]
+    assert float(confused.detach()) == pytest.approx(math.log(2))
+    assert float(_adversary_losses(model, x, lens, labels, 0.25)[1].detach()) == pytest.approx(0.25 * math.log(2))
 
 
 def test_bad_settings_and_labels_are_refused_clearly():
@@ -152,8 +163,8 @@ def test_the_trainer_trains_the_adversary_beside_ctc_and_model_pt_leaves_it_out(
 
 
 def test_the_adversary_loss_is_the_weighted_cross_entropy_of_the_batch(tmp_path):
-    """What training_step adds: weight x the cross-entropy of the classifier on the batch's mean-pooled encoder
-    output against its speakers."""
+    """What training_step adds: weight x (the classifier's cross-entropy on the batch's mean-pooled encoder output
+    against its speakers + the ramp x its cross-entropy against the uniform distribution)."""
     from asrflow.train.trainer import add_adversary_loss, compute_loss, forward_batch
 
     setup = F.build_setup(tmp_path / "data")
@@ -170,8 +181,11 @@ def test_the_adversary_loss_is_the_weighted_cross_entropy_of_the_batch(tmp_path)
         logits = ctx.model.voice_adversary.net(mean_pool(*captured["out"]))
     handle.remove()
     targets = torch.tensor([ctx.model.voice_adversary.classes.index(s) for s in batch.speakers])
-    assert float(out.adversary) == pytest.approx(float(F_.cross_entropy(logits, targets)), rel=1e-5)
-    assert float(out.loss) == pytest.approx(ctc_only + 0.5 * float(out.adversary), rel=1e-5)
+    classify = float(F_.cross_entropy(logits, targets))
+    confusion = float(-logits.log_softmax(-1).mean())  # against the uniform distribution
+    assert float(out.adversary) == pytest.approx(classify, rel=1e-5)
+    ramp = 1 / ADVERSARY["ramp_steps"]  # step 1 of 2
+    assert float(out.loss.detach()) == pytest.approx(ctc_only + 0.5 * (classify + ramp * confusion), rel=1e-5)
 
 
 def test_a_voice_label_needs_voices_in_the_manifest_and_a_cache_is_refused(tmp_path):

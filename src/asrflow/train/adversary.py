@@ -1,21 +1,26 @@
 """Voice-adversarial training: an encoder whose output does not tell the training voices apart.
 
 A model fine-tuned on a few voices can lean on what identifies each of them (a vocoder's buzz, one speaker's
-formants) and then fails on a voice it never heard. Domain-adversarial training (Ganin & Lempitsky 2015) and
-speaker-invariant training for ASR (Meng et al. 2018, "Speaker-Invariant Training via Adversarial Learning")
-add a classifier that guesses the voice from the encoder's output, trained as usual, while the gradient it
-sends back into the encoder is reversed: the encoder is pushed to make the voice unguessable, the CTC loss
-keeps what the words need.
+formants) and then fails on a voice it never heard. Adversarial training against a voice classifier
+(speaker-invariant training for ASR, Meng et al. 2018) adds a classifier that guesses the voice from the encoder's
+output, and asks the encoder to make that guess impossible while CTC keeps what the words need.
 
-* The classifier reads the encoder's output (``model.encoder``'s ``(hidden (B, T, D), lens)``), mean-pooled
-  over each utterance's real frames, through a gradient-reversal layer, then Linear -> ReLU -> Linear.
-* ``label``: ``voice`` (the manifest's ``engine:voice``, the synthetic corpus's voice families) or
-  ``speaker`` (the manifest's speaker, what a real corpus has). The classes are the training utterances'
-  labels, sorted, so every rank numbers them alike.
-* Loss: ``weight`` x cross-entropy, added to the CTC loss; the reversed gradient is scaled by a ramp from 0
-  to 1 over ``ramp_steps`` (a random classifier's gradient would only be noise in the encoder).
-* Training only: the classifier is a submodule (``voice_adversary``) so the optimizer, the gradient
-  allreduce and checkpoints carry it, but ``model.pt`` leaves it out, and dev scoring never calls it.
+* The classifier reads the encoder's output (``model.encoder``'s ``(hidden (B, T, D), lens)``), mean-pooled over
+  each utterance's real frames, through Linear -> ReLU -> Linear, and learns the true voices (cross-entropy,
+  its own weights only: the encoder gets no gradient from this term).
+* The encoder's term is the classifier's *confusion* (Tzeng et al. 2015; Alvi et al. 2018): the cross-entropy of
+  its prediction against the uniform distribution, through the classifier's weights held fixed, lowest (ln of the
+  number of voices) when the prediction says nothing. Not gradient reversal (Ganin & Lempitsky 2015): maximizing
+  the classifier's cross-entropy is unbounded, and on Whisper's encoder it was reached by making the classifier
+  confidently wrong (its cross-entropy 21 against chance's 2.8 fifty steps after the unfreeze, the CTC loss up
+  2.5x; docs/results.md, "Session 24"), which still tells the voices apart.
+* ``label``: ``voice`` (the manifest's ``engine:voice``, the synthetic corpus's voice families) or ``speaker``
+  (the manifest's speaker, what a real corpus has). The classes are the training utterances' labels, sorted, so
+  every rank numbers them alike.
+* Loss: ``weight`` x (classifier cross-entropy + ramp x confusion), the encoder's term ramped from 0 to 1 over
+  ``ramp_steps`` (the classifier must first learn something worth confusing).
+* Training only: the classifier is a submodule (``voice_adversary``) so the optimizer, the gradient allreduce and
+  checkpoints carry it, but ``model.pt`` leaves it out, and dev scoring never calls it.
 """
 from __future__ import annotations
 
@@ -49,24 +54,8 @@ class AdversarySettings:
         return cls(**(d or {}))
 
 
-class _ReverseGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return -ctx.scale * grad, None
-
-
-def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity forward; the gradient multiplied by ``-scale`` backward."""
-    return _ReverseGradient.apply(x, float(scale))
-
-
-def reversal_scale(step: int, ramp_steps: int) -> float:
-    """The reversed gradient's scale at ``step``: a linear ramp from 0 to 1 over ``ramp_steps`` (0: 1 at once)."""
+def confusion_scale(step: int, ramp_steps: int) -> float:
+    """The encoder's confusion term's scale at ``step``: a linear ramp from 0 to 1 over ``ramp_steps`` (0: 1 at once)."""
     return 1.0 if ramp_steps <= 0 else min(1.0, step / ramp_steps)
 
 
@@ -77,7 +66,7 @@ def mean_pool(hidden: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
 
 
 class VoiceAdversary(nn.Module):
-    """Guesses each utterance's voice from the encoder's output, through a gradient-reversal layer."""
+    """Guesses each utterance's voice from the encoder's output; ``loss`` trains it and confuses the encoder."""
 
     def __init__(self, d_model: int, classes: Sequence[str], hidden: int = 256):
         super().__init__()
@@ -96,19 +85,27 @@ class VoiceAdversary(nn.Module):
             raise ValueError(f"voice_adversary: label(s) {unknown[:3]} are not among the training voices {self.classes}")
         return torch.tensor([self.class_index[x] for x in labels], dtype=torch.long, device=device)
 
-    def forward(self, hidden: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
-        pooled = mean_pool(hidden.float(), lens.to(hidden.device))
-        return self.net(reverse_gradient(pooled, scale))
+    def forward(self, pooled: torch.Tensor, fixed: bool = False) -> torch.Tensor:
+        """Logits; ``fixed``: through detached copies of the weights, so only the input gets a gradient."""
+        if not fixed:
+            return self.net(pooled)
+        first, last = self.net[0], self.net[2]
+        h = F.relu(F.linear(pooled, first.weight.detach(), first.bias.detach()))
+        return F.linear(h, last.weight.detach(), last.bias.detach())
 
-    def loss(self, labels: Sequence[str], scale: float) -> torch.Tensor:
-        """Cross-entropy of the voices of the batch whose encoder output the hook captured last; read once."""
+    def loss(self, labels: Sequence[str], confusion_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the classifier's cross-entropy on the true voices, which trains it alone; its cross-entropy against
+        the uniform distribution x ``confusion_weight``, which trains the encoder alone) for the batch whose
+        encoder output the hook captured last; read once."""
         if self.captured is None:
             raise ValueError("voice_adversary: the encoder's output was not captured (the model's `encoder` must "
                              "return (hidden, lens); a run on cached encoder outputs has no encoder pass)")
         hidden, lens = self.captured
         self.captured = None
-        logits = self(hidden, lens, scale)
-        return F.cross_entropy(logits, self.targets(labels, logits.device))
+        pooled = mean_pool(hidden.float(), lens.to(hidden.device))
+        classify = F.cross_entropy(self(pooled.detach()), self.targets(labels, pooled.device))
+        confusion = -self(pooled, fixed=True).log_softmax(-1).mean(-1).mean()
+        return classify, confusion_weight * confusion
 
 
 def utterance_label(voice: str, speaker: str, label: str) -> str:

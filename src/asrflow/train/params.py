@@ -36,7 +36,7 @@ class TrainParams:
                                                                      "n_points": [2, 5], "p": 1.0})
     # the running mean of the run's own weights (train.weight_average), exported instead of the best checkpoint
     weight_average: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "start_step": 1, "every": 1})
-    # a classifier of the training voices on the encoder's output, its gradient reversed (train.adversary); off by default
+    # a classifier of the training voices on the encoder's output, which the encoder learns to confuse (train.adversary); off by default
     voice_adversary: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "weight": 0.1, "label": "voice",
                                                                       "hidden": 256, "ramp_steps": 200})
     augment_after_steps: int = 0         # noise, speed perturbation, SpecAugment, VTLP and filtering start here

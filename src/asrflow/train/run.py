@@ -165,7 +165,7 @@ def attach_adversary(model, params: TrainParams, index, plan: BucketPlan, device
         raise ValueError("voice_adversary needs the encoder to run (and train); encoder_cache skips it: turn one off")
     classes = sorted({utterance_label(index[u].voice, index[u].speaker, settings.label) for u in plan.durations})
     attach_voice_adversary(model, settings, classes).to(device)
-    log.info("voice adversary on the encoder's output: %d %ss, weight %.2f, reversal ramped in over %d steps",
+    log.info("voice adversary on the encoder's output: %d %ss, weight %.2f, its confusion ramped in over %d steps",
              len(classes), settings.label, settings.weight, settings.ramp_steps)
 
 

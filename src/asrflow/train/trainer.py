@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from asrflow.text import CharVocab
-from asrflow.train.adversary import MODULE_NAME as ADVERSARY, AdversarySettings, reversal_scale, utterance_label
+from asrflow.train.adversary import MODULE_NAME as ADVERSARY, AdversarySettings, confusion_scale, utterance_label
 from asrflow.train.augment import FilterAugment, NoiseInjector, SpecAugment, SpeedPerturb, VocalTractLengthPerturb
 from asrflow.train.checkpoint import (fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint)
 from asrflow.train.data import Batch, BatchLoader, UtteranceIndex
@@ -220,8 +220,9 @@ def augmenters_at(ctx: "Context", step: int) -> Augmenters | None:
 
 
 def add_adversary_loss(ctx: "Context", out: Any, batch: Batch, step: int) -> None:
-    """``out.loss`` += weight x the voice adversary's cross-entropy on this batch (asrflow.train.adversary),
-    its gradient into the encoder reversed and ramped in by ``step``; nothing for a model without one."""
+    """``out.loss`` += weight x (the voice classifier's cross-entropy + the encoder's confusion term, ramped in by
+    ``step``) on this batch (asrflow.train.adversary); ``out.adversary`` = the classifier's cross-entropy (chance:
+    ln of the number of voices). Nothing for a model without one."""
     adversary = getattr(ctx.model, ADVERSARY, None)
     if adversary is None:
         return
@@ -229,9 +230,9 @@ def add_adversary_loss(ctx: "Context", out: Any, batch: Batch, step: int) -> Non
     if batch.voices is None or batch.speakers is None:
         raise ValueError("voice_adversary: the batch carries no speakers or voices")
     labels = [utterance_label(voice, speaker, s.label) for voice, speaker in zip(batch.voices, batch.speakers)]
-    ce = adversary.loss(labels, reversal_scale(step, s.ramp_steps))
-    out.adversary = ce.detach()
-    out.loss = out.loss + s.weight * ce
+    classify, confusion = adversary.loss(labels, confusion_scale(step, s.ramp_steps))
+    out.adversary = classify.detach()
+    out.loss = out.loss + s.weight * (classify + confusion)
 
 
 @dataclass
