@@ -188,6 +188,28 @@ def test_the_adversary_loss_is_the_weighted_cross_entropy_of_the_batch(tmp_path)
     assert float(out.loss.detach()) == pytest.approx(ctc_only + 0.5 * (classify + ramp * confusion), rel=1e-5)
 
 
+def test_init_from_an_earlier_model_keeps_the_childs_fresh_adversary(tmp_path):
+    """A run with a voice adversary can start from any earlier model.pt (which never holds one)."""
+    from asrflow.text import CharVocab
+    from asrflow.train.models import build_model
+    from asrflow.train.pretrained import init_from_asrflow
+
+    vocab = CharVocab(["<blank>", *"abc"])
+    cfg = {"name": "conformer", "d_model": 16, "num_heads": 2, "ffn_dim": 16, "num_layers": 2, "kernel_size": 3,
+           "subsampling_channels": 4, "dropout": 0.0}
+    torch.manual_seed(1)
+    parent = build_model(cfg, len(vocab), 20)
+    torch.save({"model": parent.state_dict(), "model_config": cfg, "n_mels": 20, "vocab": vocab.to_dict(),
+                "sample_rate": 16000}, tmp_path / "model.pt")
+    torch.manual_seed(2)
+    child = build_model(cfg, len(vocab), 20)
+    attach_voice_adversary(child, AdversarySettings(enabled=True), ["a", "b"])
+    fresh = {k: v.clone() for k, v in child.voice_adversary.state_dict().items()}
+    report = init_from_asrflow(child, tmp_path / "model.pt", vocab)
+    assert report.head_loaded and torch.equal(child.head.weight, parent.head.weight)
+    assert all(torch.equal(v, fresh[k]) for k, v in child.voice_adversary.state_dict().items())
+
+
 def test_a_voice_label_needs_voices_in_the_manifest_and_a_cache_is_refused(tmp_path):
     setup = F.build_setup(tmp_path / "data")
     with pytest.raises(ValueError, match="use label: speaker"):

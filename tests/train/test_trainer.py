@@ -223,8 +223,10 @@ def horovod_launch(setup):
     i.e. ``workflow_scripts/train.py``) for a full bf16 training run. Sharing the launch halves the
     process start-ups (torch, Horovod, MLflow imports) that dominate these tests on two cores."""
     out, logs, dump = setup.root / "run-hvd", setup.root / "logs-hvd", setup.root / "bn-probe"
-    # the weight mean rides along: two ranks, bf16 autocast, exported from rank 0
-    params = setup.params_file("hvd", precision="bf16", weight_average={"enabled": True, "start_step": 2, "every": 1})
+    # the weight mean and a voice adversary ride along: two ranks, bf16 autocast, exported from rank 0
+    params = setup.params_file("hvd", precision="bf16", weight_average={"enabled": True, "start_step": 2, "every": 1},
+                               voice_adversary={"enabled": True, "weight": 0.2, "label": "speaker", "hidden": 8,
+                                                "ramp_steps": 2})
     probe = [F.PYTHON, str(Path(__file__).with_name("bn_probe.py")), str(dump), "--then-train",
              *setup.args(params, out, logs, "trainer-hvd")]
     result = ok(F.run(F.horovodrun(2, probe), timeout=400))
@@ -261,6 +263,11 @@ def test_two_process_horovod_run(setup, horovod_launch):
     mean = final["weight_average"]["weights"]
     assert final["weight_average"]["count"] == summary["global_step"] - 1
     assert all(torch.equal(exported[k], mean[k].to(exported[k].dtype)) for k in exported)
+    # the voice adversary trained on every rank (its weights are in what the ranks compare, in the test below)
+    # and stays out of model.pt
+    assert "voice adversary on the encoder's output: 3 speakers" in (logs / "rank0.log").read_text()
+    assert any(k.startswith("voice_adversary.") for k in final["model"])
+    assert not any(k.startswith("voice_adversary.") for k in exported)
     assert any(not torch.equal(exported[k], final["model"][k]) for k in exported if exported[k].is_floating_point())
 
 

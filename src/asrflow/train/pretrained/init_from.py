@@ -30,8 +30,9 @@ HEAD_PREFIXES = ("head.", "inter_head.", "condition.")  # the layers whose shape
 # a training-only head on another unit inventory (asrflow.phones): never carried over, since the
 # parent's phone inventory is not this run's; the child's own starts fresh
 FRESH_PREFIXES = ("phone_head.",)
-# a whisper_encoder's auxiliary decoder: training-only, so no model.pt has it; it keeps Whisper's weights
-AUXILIARY_PREFIXES = ("decoder.",)
+# training-only modules no model.pt has, so the child's own are kept: a whisper_encoder's auxiliary decoder
+# (Whisper's weights) and a voice adversary (asrflow.train.adversary; fresh)
+AUXILIARY_PREFIXES = ("decoder.", "voice_adversary.")
 
 
 @dataclass
