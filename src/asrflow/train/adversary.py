@@ -12,8 +12,8 @@ output, and asks the encoder to make that guess impossible while CTC keeps what 
   its prediction against the uniform distribution, through the classifier's weights held fixed, lowest (ln of the
   number of voices) when the prediction says nothing. Not gradient reversal (Ganin & Lempitsky 2015): maximizing
   the classifier's cross-entropy is unbounded, and on Whisper's encoder it was reached by making the classifier
-  confidently wrong (its cross-entropy 21 against chance's 2.8 fifty steps after the unfreeze, the CTC loss up
-  2.5x; docs/results.md, "Session 24"), which still tells the voices apart.
+  confidently wrong (its cross-entropy 21 against chance's 2.8 fifty steps after the unfreeze, the CTC part of
+  the loss 1.5x the plain run's; docs/results.md, "Session 24"), which still tells the voices apart.
 * ``label``: ``voice`` (the manifest's ``engine:voice``, the synthetic corpus's voice families) or ``speaker``
   (the manifest's speaker, what a real corpus has). The classes are the training utterances' labels, sorted, so
   every rank numbers them alike.
