@@ -88,7 +88,7 @@ def test_make_run_trains_the_whisper_default_and_mixes_its_lowest_block_back(tmp
                                    "whisper_tiny_fa_s2_lowwise"}),
     # the default with dropout inside Whisper's encoder, and with a voice adversary, each mixed by depth
     ("dropout_probe.yaml", {"whisper_tiny", "whisper_tiny_lowwise", "whisper_tiny_do", "whisper_tiny_do_lowwise"}),
-    ("voice_adversary_probe.yaml", {f"whisper_tiny{v}{mix}" for v in ("", "_adv", "_adv05", "_s2", "_adv_s2")
+    ("voice_adversary_probe.yaml", {f"whisper_tiny{v}{mix}" for v in ("", "_adv", "_adv05", "_s2", "_adv_s2", "_adv05_s2")
                                     for mix in ("", "_lowwise")}),
     (("vtlp_probe.yaml", "wise_depth_probe.yaml"),
      {f"whisper_tiny{seed}{mix}" for seed in ("", "_s2", "_s3") for mix in ("", "_wise", "_lowwise")}),
