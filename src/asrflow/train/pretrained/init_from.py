@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from asrflow.train.adversary import MODULE_NAME as ADVERSARY_MODULE
 from asrflow.train.pretrained.checkpoints import CheckpointError, require_path
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ HEAD_PREFIXES = ("head.", "inter_head.", "condition.")  # the layers whose shape
 FRESH_PREFIXES = ("phone_head.",)
 # training-only modules no model.pt has, so the child's own are kept: a whisper_encoder's auxiliary decoder
 # (Whisper's weights) and a voice adversary (asrflow.train.adversary; fresh)
-AUXILIARY_PREFIXES = ("decoder.", "voice_adversary.")
+AUXILIARY_PREFIXES = ("decoder.", f"{ADVERSARY_MODULE}.")
 
 
 @dataclass
