@@ -14,7 +14,9 @@ utterances), and each model's difference from the first one, paired over the sam
         whisper_tiny=results/train/whisper_tiny/model.pt whisper_tiny_lowwise=results/train/whisper_tiny_lowwise/model.pt
 
 ``--voices kokoro:jf_alpha kokoro:jm_kumo ...`` synthesizes other voice families instead of the corpus's held-out
-one, for models whose corpora never have them (refused where one does). ``--from-manifest results/prep/truncated.jsonl`` scores the test set's own held-out-voice utterances
+one, for models whose corpora never have them (refused where one does).
+
+``--from-manifest results/prep/truncated.jsonl`` scores the test set's own held-out-voice utterances
 instead: the same figure the evaluation reports (a check that this path is the evaluation's).
 """
 from __future__ import annotations
